@@ -1,0 +1,128 @@
+"""Fine-grained Mixture-of-Experts FFN (DeepSeekMoE, arXiv:2401.06066) with aux-loss-free balancing.
+
+- Many small routed SwiGLU experts, top-k per token, plus always-on shared experts.
+- Routing as in DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): sigmoid affinities; a per-expert
+  bias is added only when *choosing* the experts, the gate weights come from the unbiased
+  affinities, normalised over the chosen ones. `update_router_bias(load)` nudges the bias by
+  `rate * sign(mean_load - load_e)` from the observed per-expert load, so overloaded experts
+  become less likely to be chosen; an optional small sequence-level auxiliary loss is returned
+  as well (weight `aux_loss_coef`, 0 = off).
+- Dispatch is loop-free: token copies are sorted by expert once (argsort), every expert then
+  reads a contiguous slice, and all experts run as one grouped matmul
+  (`torch.nn.functional.grouped_mm`) — or, on builds without it, one matmul per slice with a
+  single host sync for the slice sizes. The masked per-expert loop is kept only in the tests,
+  as the oracle this is compared against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ffn import SwiGLU
+
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group; rows of group e multiply w[e]. x (N, K), w (E, K, M) -> (N, M)."""
+    if _GROUPED_MM is not None and x.dtype in (torch.float32, torch.bfloat16) and x.shape[0] > 0:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return _GROUPED_MM(x, w.to(x.dtype), offs=offs)
+    sizes = counts.tolist()  # the one host sync of the fallback
+    outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        n_experts: int,
+        top_k: int,
+        expert_dim: int,
+        n_shared_experts: int = 1,
+        aux_loss_coef: float = 0.0,
+        bias_rate: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.dim, self.n_experts, self.top_k, self.expert_dim = dim, n_experts, top_k, expert_dim
+        self.aux_loss_coef, self.bias_rate = aux_loss_coef, bias_rate
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        # (E, D, 2F): gate and up projections of every expert, fused; (E, F, D): down projections
+        self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * expert_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, expert_dim, dim))
+        self.shared = SwiGLU(dim, n_shared_experts * expert_dim) if n_shared_experts > 0 else None
+        self.register_buffer("router_bias", torch.zeros(n_experts, dtype=torch.float32))
+        # tokens routed to each expert since the last bias update (telemetry and balancing)
+        self.register_buffer("expert_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.router.weight, std=std)
+        nn.init.normal_(self.w13, std=std)
+        nn.init.normal_(self.w2, std=out_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std)
+        self.router_bias.zero_()
+        self.expert_load.zero_()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> chosen experts (N, k), gate weights (N, k), affinities (N, E)."""
+        scores = torch.sigmoid(self.router(x).float())  # (N, E)
+        _, idx = torch.topk(scores + self.router_bias, self.top_k, dim=-1)  # bias only chooses
+        gates = scores.gather(-1, idx)
+        gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
+        return idx, gates, scores
+
+    def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert's SwiGLU on its contiguous slice of x_sorted (rows sorted by expert)."""
+        gate, up = _grouped_matmul(x_sorted, self.w13, counts).chunk(2, dim=-1)
+        return _grouped_matmul(F.silu(gate) * up, self.w2, counts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> (output (B, S, D), auxiliary loss (scalar, 0 when disabled))."""
+        B, S, D = x.shape
+        xf = x.reshape(-1, D)  # (N, D)
+        N, k = xf.shape[0], self.top_k
+        idx, gates, scores = self.route(xf)
+        flat_expert = idx.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_expert, stable=True)  # token copies grouped by expert
+        token_of = order // k  # source token of each sorted copy
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (E,)
+        y = self.experts(xf[token_of], counts)  # (N*k, D)
+        y = y * gates.reshape(-1)[order, None].to(y.dtype)
+        out = torch.zeros_like(xf).index_add_(0, token_of, y)
+        if self.shared is not None:
+            out = out + self.shared(xf)
+        if self.training:
+            self.expert_load += counts.detach().to(self.expert_load.dtype)
+        aux = xf.new_zeros((), dtype=torch.float32)
+        if self.aux_loss_coef > 0 and self.training:
+            # sequence-level balance loss: E * sum_e f_e * P_e (DeepSeek-V3, eq. 17-20)
+            probs = scores / scores.sum(-1, keepdim=True)
+            frac = counts.to(probs.dtype) * self.n_experts / max(N * k, 1)
+            aux = self.aux_loss_coef * (frac.detach() * probs.mean(0)).sum()
+        return out.view(B, S, D), aux
+
+    @torch.no_grad()
+    def update_router_bias(self, load: torch.Tensor | None = None) -> torch.Tensor:
+        """Aux-loss-free balancing step from an observed per-expert load (default: the local
+        count since the last update; a distributed trainer passes the all-reduced count so that
+        every rank applies the same step). Resets the local count; returns the load used."""
+        load = self.expert_load.clone() if load is None else load.to(self.router_bias.device, torch.float32)
+        if load.sum() > 0:
+            self.router_bias += self.bias_rate * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
+        return load
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, top_k={self.top_k}, expert_dim={self.expert_dim}"
+
+
+def load_imbalance(load: torch.Tensor) -> float:
+    """max/mean expert load (1.0 = perfectly balanced)."""
+    mean = load.float().mean()
+    return float(load.max() / mean) if mean > 0 else math.nan

@@ -1,0 +1,131 @@
+"""The recurrent block: one shared stack of transformer blocks looped T times.
+
+    u_t     = norm(h_t + loop_emb(t) + e)
+    h_{t+1} = A * h_t + B * e + Block(u_t) + LoRA_t(u_t)            (Block returns its update)
+
+with ACT weighting the states h_1..h_T into the output (or the output is h_T with ACT off).
+In training only the last `bptt_depth` iterations are under autograd (truncated
+backpropagation through the loop); earlier ones run under no_grad.
+
+Inference may exit early (`exit_threshold`): once every position's relative state change
+|h_{t+1} - h_t| / |h_{t+1}| drops below the threshold, or, with ACT, once every position has
+halted. With a KV cache the skipped iterations' slots get the last computed entries for these
+positions (the "latest entry" rule of Huginn's cache sharing), so later tokens decoded with
+more loops still find keys and values for every iteration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .act import ACTHalting, ACTState
+from .block import TransformerBlock
+from .config import MythosConfig
+from .injection import LTIInjection
+from .kv_cache import KVCache
+from .loop_embedding import loop_index_embedding
+from .lora import DepthLoRA
+from .norm import RMSNorm
+
+
+@dataclass
+class RecurrentOutput:
+    h: torch.Tensor
+    aux_loss: torch.Tensor
+    ponder_cost: torch.Tensor | None
+    loops_used: int
+    state_norms: list[torch.Tensor] = field(default_factory=list)
+    loop_states: list[torch.Tensor] = field(default_factory=list)
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, cfg: MythosConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(TransformerBlock(cfg, moe=cfg.use_moe) for _ in range(cfg.core_layers))
+        self.in_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.injection = LTIInjection(cfg.dim, cfg.injection_init_decay)
+        self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.train_loops_max) if cfg.lora_rank > 0 else None
+        self.act = ACTHalting(cfg.dim, cfg.act_threshold, cfg.act_init_bias) if cfg.act_enabled else None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        self.in_norm.init_weights()
+        self.injection.init_weights()
+        if self.lora is not None:
+            self.lora.init_weights(std)
+        if self.act is not None:
+            self.act.init_weights()
+
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        if self.cfg.state_init == "noise":
+            return torch.randn_like(e)
+        return torch.zeros_like(e)
+
+    def forward(
+        self,
+        e: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        n_loops: int,
+        bptt_depth: int | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        exit_threshold: float | None = None,
+        collect_stats: bool = False,
+        keep_loop_states: bool = False,
+    ) -> RecurrentOutput:
+        cfg = self.cfg
+        grad = torch.is_grad_enabled()
+        first_grad = max(0, n_loops - bptt_depth) if (grad and bptt_depth is not None) else 0
+        h = self.initial_state(e)
+        act = ACTState(self.act, e) if self.act is not None else None
+        aux = e.new_zeros((), dtype=torch.float32)
+        norms: list[torch.Tensor] = []
+        loop_states: list[torch.Tensor] = []
+        loops_used = n_loops
+        for t in range(n_loops):
+            ctx = torch.no_grad() if t < first_grad else contextlib.nullcontext()
+            with ctx:
+                u = self.in_norm(h + loop_index_embedding(t, cfg.loop_emb_dim, cfg.dim, e.device, e.dtype) + e)
+                x, update = u, None
+                for j, layer in enumerate(self.layers):
+                    slot = cache.slot("core", j, t) if cache is not None else None
+                    d, a = layer(x, rope, mask, slot, start)
+                    x = x + d
+                    update = d if update is None else update + d
+                    aux = aux + a
+                if self.lora is not None:
+                    update = update + self.lora(u, t)
+                h_new = self.injection(h, e, update)
+                last = t == n_loops - 1
+                converged = False
+                if exit_threshold is not None and not last and not grad:
+                    change = (h_new - h).float().norm(dim=-1) / h_new.float().norm(dim=-1).clamp_min(1e-6)
+                    converged = bool(change.max() < exit_threshold)
+                if act is not None:
+                    act.step(h_new, last=last or converged)
+                    if exit_threshold is not None and not grad and act.all_halted:
+                        converged = True
+                if collect_stats:
+                    norms.append(h_new.detach().float().norm(dim=-1).mean())
+                if keep_loop_states and t >= first_grad:
+                    loop_states.append(h_new)
+            h = h_new
+            if converged and not last:
+                loops_used = t + 1
+                if cache is not None and not cache.share_loops:
+                    S = e.shape[1]
+                    for j in range(len(self.layers)):
+                        src = cache.slot("core", j, t)
+                        for later in range(t + 1, n_loops):
+                            cache.slot("core", j, later).copy_positions(src, start, start + S)
+                break
+        out = act.output if act is not None else h
+        ponder = act.ponder_cost() if act is not None else None
+        return RecurrentOutput(out, aux, ponder, loops_used, norms, loop_states)

@@ -1,0 +1,111 @@
+"""`build_datasets`: a DataConfig and a tokenizer -> (train, validation) Ray Datasets of packed blocks.
+
+Rows are {"input_ids": int32 array of length seq_len + 1}; a training worker reads its
+shard with `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=...)`,
+and uses `x = ids[:, :-1]`, `y = ids[:, 1:]` (cast to int64 for the embedding).
+
+    source -> prepare_text (score filter, text column, hash split) -> tokenize + pack
+           -> (train only) block shuffle -> limit
+
+- generated: problems are made and packed in fixed chunks of `docs_per_batch` problems
+  (chunk c holds problems c*B .. c*B+B-1), so the blocks do not depend on how Ray
+  partitions the work: the same seed gives the same blocks on any cluster. Validation
+  uses the problems of seed stream 1 (`val_docs` of them), training stream 0.
+- local / fineweb: documents are split by a hash of their text (`val_fraction`); each
+  tokenize batch of `docs_per_batch` documents is packed on its own (tail dropped).
+
+Small machines: every read and map task asks for `cpus_per_task` CPUs (fractional), so
+data tasks run beside Ray Train workers instead of waiting for a whole free CPU (with
+2 CPUs and two 1-CPU workers, whole-CPU data tasks deadlock). `materialize: true`
+computes the training set up front instead of streaming it. The validation set, capped
+by `val_blocks`, is always materialized: it is small and is read at every evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mythos_platform.data import multihop
+from mythos_platform.data.packing import pack_documents, encode_documents, tokenize_and_pack
+from mythos_platform.data.sources import read_fineweb, read_local
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from mythos_platform.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+__all__ = ["build_datasets", "generated_blocks", "TRAIN_STREAM", "VAL_STREAM"]
+
+
+def generated_blocks(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: int, hops: list[int],
+                     seed: int, n_symbols: int, stream: int, tokenizer: Any, seq_len: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: {"chunk": chunk ids} -> the packed blocks of those chunks' problems."""
+    out = []
+    for c in batch["chunk"]:
+        start = int(c) * docs_per_chunk
+        n = min(docs_per_chunk, n_docs - start)
+        texts = list(multihop.corpus_documents(n, hops, seed, n_symbols, start_index=start, stream=stream))
+        out.append(pack_documents(encode_documents(texts, tokenizer), tokenizer.eos_id, seq_len + 1))
+    blocks = np.concatenate(out) if out else np.zeros((0, seq_len + 1), dtype=np.int32)
+    return {"input_ids": blocks}
+
+
+def _generated(cfg: "DataConfig", tokenizer: Any, n_docs: int, stream: int) -> "ray.data.Dataset":
+    import ray.data
+
+    n_chunks = -(-n_docs // cfg.docs_per_batch)
+    chunks = ray.data.from_items([{"chunk": c} for c in range(n_chunks)])
+    return chunks.map_batches(
+        generated_blocks, batch_format="numpy", batch_size=1, num_cpus=cfg.cpus_per_task,
+        fn_kwargs={"n_docs": n_docs, "docs_per_chunk": cfg.docs_per_batch,
+                   "hops": list(range(cfg.min_hops, cfg.max_hops + 1)), "seed": cfg.seed,
+                   "n_symbols": cfg.n_symbols, "stream": stream, "tokenizer": tokenizer, "seq_len": cfg.seq_len},
+    )
+
+
+def _packed(docs: "ray.data.Dataset", cfg: "DataConfig", tokenizer: Any) -> "ray.data.Dataset":
+    return docs.map_batches(
+        tokenize_and_pack, batch_format="numpy", batch_size=cfg.docs_per_batch, num_cpus=cfg.cpus_per_task,
+        fn_kwargs={"tokenizer": tokenizer, "seq_len": cfg.seq_len},
+    )
+
+
+def build_datasets(cfg: "DataConfig", tokenizer: Any) -> tuple["ray.data.Dataset", "ray.data.Dataset | None"]:
+    """(train, val) Datasets of {"input_ids": int32[seq_len + 1]}; val is None when the split is empty.
+
+    Needs Ray initialised (or initialises a local one, as Ray Data does). Reader errors
+    such as an unreachable hub raise `DataSourceError` here, before any training starts.
+    """
+    if cfg.source == "generated":
+        train = _generated(cfg, tokenizer, cfg.n_docs, TRAIN_STREAM)
+        val = _generated(cfg, tokenizer, cfg.val_docs, VAL_STREAM) if cfg.val_docs > 0 else None
+    else:
+        read = read_fineweb if cfg.source == "fineweb" else read_local
+        train = _packed(read(cfg, "train"), cfg, tokenizer)
+        val = _packed(read(cfg, "val"), cfg, tokenizer) if cfg.val_fraction > 0 else None
+
+    if cfg.shuffle_seed is not None and cfg.source != "fineweb":
+        train = train.random_shuffle(seed=cfg.shuffle_seed)
+    if cfg.num_blocks is not None:
+        train = train.limit(cfg.num_blocks)
+    if cfg.materialize:
+        train = train.materialize()
+    if val is not None:
+        if cfg.val_blocks == 0:
+            val = None
+        else:
+            if cfg.val_blocks is not None:
+                val = val.limit(cfg.val_blocks)
+            val = val.materialize()
+            if val.count() == 0:
+                log.warning("the validation split is empty (val_fraction=%s); evaluating without one",
+                            cfg.val_fraction)
+                val = None
+    return train, val

@@ -1,0 +1,333 @@
+"""MLflow tracking that never stops training.
+
+    tracker = Tracker(cfg.tracking, cfg.run.root)            # experiment per job kind
+    with tracker.start(run_name="debug", tags=git_tags()):    # FINISHED, or FAILED on an exception
+        tracker.log_params(cfg.flatten())
+        tracker.log_metrics({"train/loss": 2.3}, step=10)
+        tracker.log_figure_file(loss_curve_png(history, "loss.png"))
+
+Where runs go: `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`, else an embedded
+SQLite store `sqlite:///<run_root>/mlflow.db` whose experiments keep their artifacts in
+`<run_root>/mlartifacts` (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` shows it).
+
+Failure policy: every MLflow call is wrapped; an exception (server down, bad URI, disk
+full) is logged once as a warning through `logging` and the call returns quietly, so a
+tracking outage never kills a training run. How long one call may block on an
+unreachable server is MLflow's own setting (MLFLOW_HTTP_REQUEST_TIMEOUT,
+MLFLOW_HTTP_REQUEST_MAX_RETRIES). If the run cannot even be created, every later call
+is a no-op.
+
+Ray workers: the tracker is picklable (the client is rebuilt lazily) and `active=False`
+turns every call into a no-op, so `Tracker(cfg, root, run_id=driver_run_id,
+active=(rank == 0))` inside a worker logs into the driver's run from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from mythos_platform.config import TrackingConfig, flatten_dict
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits (mlflow.utils.validation): values longer than these are rejected.
+MAX_PARAM_VALUE = 6000
+MAX_KEY = 250
+MAX_TAG_VALUE = 8000
+BATCH = 100
+
+__all__ = ["Tracker", "tracking_uri", "artifact_location", "git_commit", "git_tags", "loss_curve_png",
+           "flatten_params"]
+
+
+def tracking_uri(cfg: TrackingConfig, run_root: str | os.PathLike) -> str:
+    """MLFLOW_TRACKING_URI > cfg.tracking_uri > sqlite:///<abs run_root>/mlflow.db."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    return f"sqlite:///{Path(run_root).expanduser().resolve() / 'mlflow.db'}"
+
+
+def artifact_location(run_root: str | os.PathLike, experiment: str) -> str:
+    """file:// URI of <run_root>/mlartifacts/<experiment>, for experiments of the embedded store."""
+    return (Path(run_root).expanduser().resolve() / "mlartifacts" / experiment).as_uri()
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    marker = f"...[{len(text) - limit + 20} chars cut]"
+    return text[: limit - len(marker)] + marker
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Nested dict -> dotted keys with string values inside MLflow's key/value length limits."""
+    out = {}
+    for k, v in flatten_dict(dict(params)).items():
+        text = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+        out[_truncate(str(k), MAX_KEY)] = _truncate(text, MAX_PARAM_VALUE)
+    return out
+
+
+def git_commit(path: str | os.PathLike = ".") -> str | None:
+    """HEAD's commit hash of the repository at `path`, with '-dirty' when it has local changes; None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not sha:
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def git_tags(path: str | os.PathLike = ".") -> dict[str, str]:
+    """{'mlflow.source.git.commit': sha} (MLflow's own tag name), or {} outside git."""
+    sha = git_commit(path)
+    return {"mlflow.source.git.commit": sha} if sha else {}
+
+
+def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]] | Sequence[Mapping[str, float]],
+                   path: str | os.PathLike, title: str = "loss", log_y: bool = False) -> Path:
+    """Plot series to a PNG and return its path.
+
+    `history`: {name: [(step, value), ...]}, or rows [{"step": s, "train/loss": v, ...}, ...].
+    Uses the non-interactive Agg backend (no display needed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    if isinstance(history, Mapping):
+        series = {k: list(v) for k, v in history.items()}
+    else:
+        for row in history:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    series.setdefault(k, []).append((row["step"], float(v)))
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    for name, points in sorted(series.items()):
+        pts = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
+        if pts:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    if log_y:
+        ax.set_yscale("log")
+    if series:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+class Tracker:
+    """One MLflow run; every method swallows MLflow errors (warned once) so training goes on."""
+
+    def __init__(self, cfg: TrackingConfig, run_root: str | os.PathLike, *, run_id: str | None = None,
+                 active: bool = True) -> None:
+        self.cfg = cfg
+        self.run_root = str(run_root)
+        self.uri = tracking_uri(cfg, run_root)
+        self.run_id = run_id
+        self.active = active and cfg.enabled
+        self._client: MlflowClient | None = None
+        self._warned = False
+        self.errors = 0
+
+    # --- plumbing ---------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_client"] = None  # rebuilt where it is used (e.g. inside a Ray worker)
+        return state
+
+    @property
+    def client(self) -> "MlflowClient":
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        if not self._warned:
+            self._warned = True
+            log.warning("MLflow tracking at %s failed (%s: %s: %s); training goes on without it "
+                        "(further tracking errors are logged at DEBUG)", self.uri, what, type(exc).__name__, first)
+        else:
+            log.debug("MLflow %s failed: %s: %s", what, type(exc).__name__, first)
+
+    def _live(self) -> bool:
+        return self.active and self.run_id is not None
+
+    # --- runs -------------------------------------------------------------------------
+    def _experiment_id(self) -> str:
+        name = self.cfg.experiment
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        embedded = self.uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI") \
+            and not self.cfg.tracking_uri
+        location = artifact_location(self.run_root, name) if embedded else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by another process
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> "Tracker":
+        """Create the run (in the experiment `cfg.experiment`); a no-op if inactive or already started."""
+        if not self.active or self.run_id is not None:
+            return self
+        try:
+            run = self.client.create_run(self._experiment_id(), run_name=run_name or self.cfg.run_name,
+                                         tags={k: _truncate(str(v), MAX_TAG_VALUE) for k, v in (tags or {}).items()})
+            self.run_id = run.info.run_id
+        except Exception as exc:
+            self._fail("start run", exc)
+        return self
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED / FAILED / KILLED."""
+        if not self._live():
+            return
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            self._fail("end run", exc)
+
+    def __enter__(self) -> "Tracker":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type is not None else "FINISHED")
+
+    # --- logging ----------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Nested or flat dict; flattened to dotted keys, values stringified and truncated to MLflow's limits."""
+        if not self._live():
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        try:
+            for i in range(0, len(items), BATCH):
+                self.client.log_batch(self.run_id, params=items[i: i + BATCH])
+        except Exception as exc:
+            self._fail("log_params", exc)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Numeric values at `step` (non-numeric ones are skipped)."""
+        if not self._live():
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = []
+        for k, v in metrics.items():
+            try:
+                items.append(Metric(_truncate(k, MAX_KEY), float(v), ts, int(step)))
+            except (TypeError, ValueError):
+                log.debug("metric %s=%r is not a number; skipped", k, v)
+        try:
+            for i in range(0, len(items), BATCH * 10):
+                self.client.log_batch(self.run_id, metrics=items[i: i + BATCH * 10])
+        except Exception as exc:
+            self._fail("log_metrics", exc)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self._live():
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(_truncate(k, MAX_KEY), _truncate(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
+        try:
+            for i in range(0, len(items), BATCH):
+                self.client.log_batch(self.run_id, tags=items[i: i + BATCH])
+        except Exception as exc:
+            self._fail("set_tags", exc)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A file or a whole folder (`log_artifacts`) under `artifact_path` of the run."""
+        if not self._live():
+            return
+        try:
+            if Path(path).is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as exc:
+            self._fail("log_artifact", exc)
+
+    def log_dict(self, data: Mapping[str, Any] | list, artifact_file: str) -> None:
+        """JSON (or YAML, by the extension of `artifact_file`) artifact."""
+        if not self._live():
+            return
+        try:
+            self.client.log_dict(self.run_id, data, artifact_file)
+        except Exception as exc:
+            self._fail("log_dict", exc)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self._live():
+            return
+        try:
+            self.client.log_text(self.run_id, text, artifact_file)
+        except Exception as exc:
+            self._fail("log_text", exc)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib Figure saved as `artifact_file` (e.g. 'plots/loss.png')."""
+        if not self._live():
+            return
+        try:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+        except Exception as exc:
+            self._fail("log_figure", exc)
+
+    def log_loss_curve(self, history: Any, artifact_file: str = "plots/loss.png", **kw: Any) -> None:
+        """`loss_curve_png(history)` rendered to a temporary file and logged as `artifact_file`."""
+        if not self._live():
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            png = loss_curve_png(history, Path(tmp, Path(artifact_file).name), **kw)
+            self.log_artifact(png, str(Path(artifact_file).parent) if Path(artifact_file).parent.name else None)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of a logged metric, read back from the store ([] when unavailable)."""
+        if not self._live():
+            return []
+        try:
+            return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+        except Exception as exc:
+            self._fail("metric_history", exc)
+            return []
+

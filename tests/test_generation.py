@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from mythos import CacheError, KVCache, Mythos, get_variant
+from mythos.generation import SamplingParams, generate, stream
+from mythos.sizing import kv_cache_numbers_per_token
+
+CONFIGS = {
+    "gqa": get_variant("debug", max_seq_len=64),
+    "mla": get_variant("debug", attn_type="mla", q_lora_rank=32, max_seq_len=64),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    torch.manual_seed(0)
+    return Mythos(CONFIGS[request.param]).eval()
+
+
+@pytest.mark.parametrize("n_loops", [1, 4, 8])
+def test_cached_decoding_equals_full_recomputation(model, n_loops):
+    prompt = torch.randint(0, 256, (2, 9))
+    cache = KVCache(batch=2, capacity=20)
+    with torch.no_grad():
+        out = model(prompt, n_loops=n_loops, cache=cache)
+        seq = prompt
+        steps = [out.logits[:, -1]]
+        for _ in range(4):  # one-token appends
+            nxt = steps[-1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            steps.append(model(nxt, n_loops=n_loops, cache=cache).logits[:, -1])
+        chunk = torch.randint(0, 256, (2, 3))  # a multi-token append
+        seq = torch.cat([seq, chunk], 1)
+        chunk_logits = model(chunk, n_loops=n_loops, cache=cache).logits
+        full = model(seq, n_loops=n_loops).logits
+    for i, logits in enumerate(steps):
+        torch.testing.assert_close(logits, full[:, 8 + i], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunk_logits, full[:, -3:], rtol=1e-4, atol=1e-4)
+    assert cache.length == seq.shape[1]
+
+
+def test_cache_bytes_match_the_accounting(model):
+    cache = KVCache(batch=1, capacity=16)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 10)), n_loops=4, cache=cache)
+    assert cache.bytes_per_token() == 4 * kv_cache_numbers_per_token(model.cfg, n_loops=4)
+
+
+def test_more_loops_than_prefilled_is_an_error_not_garbage(model):
+    cache = KVCache(batch=1, capacity=16)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 5)), n_loops=2, cache=cache)
+        with pytest.raises(CacheError, match="n_loops=4 but the cache was filled with 2 loops"):
+            model(torch.randint(0, 256, (1, 1)), n_loops=4, cache=cache)
+        # fewer loops than prefilled is exact: iteration t's keys do not depend on later iterations
+        model(torch.randint(0, 256, (1, 1)), n_loops=1, cache=cache)
+    assert cache.n_loops == 1
+
+
+def test_shared_loop_cache_size_independent_of_loops(model):
+    sizes = []
+    for n in (2, 8):
+        cache = KVCache(batch=1, capacity=16, share_loops=True)
+        with torch.no_grad():
+            model(torch.randint(0, 256, (1, 6)), n_loops=n, cache=cache)
+            out = model(torch.randint(0, 256, (1, 1)), n_loops=n + 3, cache=cache)  # more loops: allowed
+        assert torch.isfinite(out.logits).all()
+        sizes.append(cache.nbytes())
+    assert sizes[0] == sizes[1]
+
+
+def test_greedy_generate_matches_argmax_of_full_forward(model):
+    prompt = [5, 17, 99, 3, 42]
+    res = generate(model, [prompt], max_new_tokens=6, temperature=0.0, n_loops=3)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]), n_loops=3).logits[0, -1].argmax()))
+    assert res.tokens[0] == seq[len(prompt):]
+    assert res.finish_reasons == ["length"] and res.loops_used == [3] * 6
+
+
+def test_left_padded_batch_rows_match_single_generation(model):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
+    batched = generate(model, prompts, max_new_tokens=5, temperature=0.0, n_loops=2)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=5, temperature=0.0, n_loops=2)
+        assert batched.tokens[i] == alone.tokens[0]
+
+
+def test_sampling_controls(model):
+    prompt = [[10, 20, 30]]
+    a = generate(model, prompt, max_new_tokens=8, temperature=1.0, seed=3)
+    b = generate(model, prompt, max_new_tokens=8, temperature=1.0, seed=3)
+    assert a.tokens == b.tokens
+    greedy = generate(model, prompt, max_new_tokens=8, temperature=0.0)
+    top1 = generate(model, prompt, max_new_tokens=8, temperature=0.7, top_k=1, seed=1)
+    nucleus = generate(model, prompt, max_new_tokens=8, temperature=0.7, top_p=1e-6, seed=2)
+    assert top1.tokens == greedy.tokens == nucleus.tokens
+
+
+def test_stop_tokens_and_streaming(model):
+    prompt = [[10, 20, 30]]
+    first = generate(model, prompt, max_new_tokens=6, temperature=0.0).tokens[0]
+    stopped = generate(model, prompt, max_new_tokens=6, temperature=0.0, stop_tokens=[first[2]])
+    assert stopped.tokens[0] == first[: first.index(first[2])]
+    assert stopped.finish_reasons == ["stop"]
+    steps = list(stream(model, prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
+    assert [int(s.tokens[0]) for s in steps] == first[:4]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": 0.0, "top_k": 5}, "temperature=0 means greedy"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be"),
+        ({"max_new_tokens": 60}, "exceeds max_seq_len=64"),
+        ({"n_loops": 0}, "n_loops must be"),
+    ],
+)
+def test_bad_sampling_requests_raise_clear_errors(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, [[1, 2, 3, 4, 5, 6, 7, 8]], **kwargs)
+
+
+def test_prompt_too_long_or_empty(model):
+    with pytest.raises(ValueError, match="more than max_seq_len=64"):
+        generate(model, [list(range(70))], max_new_tokens=1)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[]], max_new_tokens=1)
+
+
+def test_adaptive_exit_uses_fewer_loops(model):
+    res = generate(model, [[1, 2, 3]], max_new_tokens=3, temperature=0.0, n_loops=32, exit_threshold=0.5)
+    assert max(res.loops_used) < 32
+    exact = generate(model, [[1, 2, 3]], max_new_tokens=3, temperature=0.0, n_loops=32)
+    assert exact.loops_used == [32, 32, 32]

@@ -1,0 +1,62 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mythos import ConfigError, MythosConfig, get_variant, VARIANTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"n_heads": 7}, "n_heads"),
+        ({"n_kv_heads": 3}, "n_kv_heads"),
+        ({"n_experts": 4, "top_k": 5}, "top_k"),
+        ({"attn_type": "mla", "qk_rope_head_dim": 15}, "qk_rope_head_dim"),
+        ({"attn_type": "linear"}, "attn_type"),
+        ({"act_threshold": 1.5}, "act_threshold"),
+        ({"loop_emb_dim": 33}, "loop_emb_dim"),
+        ({"train_loops_mean": 40.0}, "train_loops_mean"),
+        ({"injection_init_decay": 1.0}, "injection_init_decay"),
+        ({"loop_distribution": "normal"}, "loop_distribution"),
+        ({"dim": 0}, "dim"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=rf"MythosConfig\.{field}="):
+        MythosConfig(**overrides)
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(ConfigError, match="n_layerz"):
+        MythosConfig.from_dict({**MythosConfig().to_dict(), "n_layerz": 3})
+
+
+def test_json_round_trip(tmp_path):
+    cfg = get_variant("1b")
+    path = tmp_path / "c.json"
+    cfg.to_json(path)
+    assert MythosConfig.from_json(path) == cfg
+    assert MythosConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(path.read_text())["attn_type"] == "mla"
+
+
+def test_variants_known_and_unknown():
+    assert {"debug", "1b", "3b", "10b", "50b", "100b", "500b", "1t"} <= set(VARIANTS)
+    with pytest.raises(ConfigError, match="unknown model variant '2b'"):
+        get_variant("2b")
+    assert get_variant("debug", n_loops=7).n_loops == 7
+
+
+def test_model_package_never_imports_ray_or_distributed():
+    pattern = re.compile(r"^\s*(import|from)\s+(ray|torch\.distributed)\b|\btorch\.distributed\.\w", re.M)
+    offenders = [p.name for p in (ROOT / "mythos").glob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+    code = "import sys, mythos, mythos.generation, mythos.checkpoint, mythos.sizing; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
