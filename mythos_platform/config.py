@@ -430,7 +430,7 @@ class TrainConfig(Section):
     nonfinite: Literal["skip", "stop"] = "skip"
     """A non-finite loss or gradient: skip the step, or stop the run."""
     deep_supervision: bool = False
-    """A loss after every loop iteration (needs per-step targets) instead of only the last."""
+    """A loss after every loop iteration instead of only the last (per-step targets where the data has them)."""
 
     def check(self, path: str) -> None:
         p = lambda name: _join(path, name)  # noqa: E731
@@ -548,9 +548,6 @@ class PretrainConfig(Section):
         if self.data.tokenizer == "byte":
             self.need(model.vocab_size >= 259, _join(path, "model.overrides.vocab_size"),
                       "must be >= 259 for the byte tokenizer", model.vocab_size)
-        if self.train.deep_supervision:
-            self.need(self.data.source == "generated", _join(path, "train.deep_supervision"),
-                      "needs per-step targets, which only data.source 'generated' provides")
 
 
 # ---------------------------------------------------------------------------------------

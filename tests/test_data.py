@@ -221,6 +221,7 @@ def test_fineweb_reader_on_local_parquet_filters_and_splits(ray_cluster, tmp_pat
     cfg = DataConfig(source="fineweb", paths=[str(tmp_path / "*.parquet")], min_score=3.0, seq_len=47,
                      val_fraction=0.2, val_blocks=None, docs_per_batch=512)
     train, val = build_datasets(cfg, TOK)
+    train = train.materialize()  # one execution for both checks below
     t_blocks, v_blocks = rows(train), rows(val)
     assert t_blocks.shape[1] == v_blocks.shape[1] == 48 and t_blocks.dtype == np.int32
 

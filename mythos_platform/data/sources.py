@@ -186,10 +186,10 @@ def read_fineweb(cfg: "DataConfig", split: Split = "train") -> "ray.data.Dataset
         files, fs = list_fineweb_files(cfg.fineweb_dataset, cfg.fineweb_config)
     columns = [cfg.text_column] + ([cfg.score_column] if cfg.min_score is not None else [])
     ds = ray.data.read_parquet(
-        files, filesystem=fs, columns=columns, num_cpus=cfg.cpus_per_task,
+        files, filesystem=fs, num_cpus=cfg.cpus_per_task,
         shuffle=_file_shuffle(cfg.shuffle_seed) if split == "train" else None,
     )
-    return _prepare(ds, cfg, split)
+    return _prepare(ds.select_columns(columns), cfg, split)  # projection pushed down into the parquet scan
 
 
 def read_local(cfg: "DataConfig", split: Split = "train") -> "ray.data.Dataset":
