@@ -29,3 +29,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+.PHONY: pretrain
+# The main command: train the debug model on the generated multi-hop corpus (local Ray, SQLite MLflow).
+pretrain: $(STAMP)
+	$(PY) jobs/pretrain.py --config jobs/configs/debug.yaml $(ARGS)

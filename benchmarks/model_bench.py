@@ -22,33 +22,7 @@ from mythos.ffn import SwiGLU
 from mythos.generation import SamplingParams, stream
 from mythos.moe import MoE
 from mythos.sizing import flops_per_token, kv_cache_numbers_per_layer, kv_cache_numbers_per_token
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_time(fn, reps: int, device: torch.device, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of a large square matmul: the practical peak this device reaches."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    inner = 4 if device.type == "cpu" else 50
-    t = best_time(lambda: [a @ b for _ in range(inner)], reps, device)
-    return 2 * n**3 * inner / t
+from mythos_platform.perf import best_time, matmul_peak, sync
 
 
 @dataclass

@@ -1,0 +1,471 @@
+"""Training benchmark: data pipeline vs trainer throughput, step time and peak memory vs loop count.
+
+    .venv/bin/python benchmarks/train_bench.py                       # CPU fp32, debug model, ~2-4 min on 2 cores
+    .venv/bin/python benchmarks/train_bench.py --quick               # fewer docs / reps / loop counts
+    .venv/bin/python benchmarks/train_bench.py --device cuda         # bf16 autocast, torch.cuda peak counters
+    .venv/bin/python benchmarks/train_bench.py --only 2,3 --set data.seq_len=256
+
+Three sections, each printed as a table with a PASS/MISS verdict:
+
+1. Pipeline vs trainer. The platform's Ray Data pipeline (`build_datasets(cfg.data, tokenizer)`
+   of jobs/configs/debug.yaml, streaming: `data.materialize=false`, no validation split) is
+   drained with `iter_torch_batches(batch_size=train.batch_size)` on a private local Ray
+   (2 CPUs, 127.0.0.1, no dashboard), and its tokens/s (rows x seq_len) is compared with the
+   tokens/s one single-process training step of the configured model consumes at the same
+   batch size and seq_len (n_loops and bptt_depth of the config's model). The pipeline figure
+   is end to end: from the first `next()` to the last row, so it includes task start-up and
+   the block shuffle (an all-to-all that waits for the whole corpus); the first-batch latency
+   and the rate after the first batch are printed beside it. The two are measured one after
+   the other, not competing for the cores. Goal: pipeline >= 5x the trainer.
+
+2. Step time vs loop count (batch 8 x seq 128 by default): forward + backward + AdamW step,
+   best of N after a warm-up, with full backprop through the loop (bptt_depth = loops) and
+   with a fixed truncated depth (bptt_depth = min(2, loops)); ms/step, ms/step per loop, and
+   a least-squares line ms = slope * loops + intercept with its R^2. PASS when both fits have
+   R^2 >= 0.95 (the cost of the loop is linear in the loop count).
+
+3. Peak memory of one training step vs loop count with a fixed backprop depth (bptt_depth=2)
+   and, for contrast, with full backprop. What is reported is the step's peak *above* the
+   memory live just before it (parameters, AdamW state, the batch): activations kept for the
+   backward pass, gradients and transient buffers. PASS when the fixed-depth row stays within
+   10% of its smallest value (the full-backprop row is expected to grow linearly).
+
+   How memory is measured on CPU (torch has no peak counter for its CPU allocator):
+   one fresh subprocess per configuration, so no configuration inherits another's heap.
+   - The subprocess runs with glibc's `MALLOC_MMAP_THRESHOLD_=65536`: every allocation of
+     64 KiB or more (every activation tensor here) gets its own mmap and is returned to the
+     OS by `free`. The c10 CPU allocator does not cache (posix_memalign/free per tensor), so
+     the resident set size (RSS) follows the live tensor bytes closely, instead of holding
+     on to freed heap memory (a fixed threshold also turns off glibc's dynamic threshold,
+     which otherwise moves large blocks onto the heap after the first free).
+   - It builds the model and optimizer, runs one warm-up step of the same configuration
+     (AdamW state, lazy buffers and oneDNN caches exist afterwards), drops the gradients,
+     reads VmRSS, resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`,
+     Linux >= 4.0), runs the measured step and reads VmHWM: peak = VmHWM - VmRSS(before).
+     Without a writable clear_refs it falls back to `resource.getrusage(RUSAGE_SELF).ru_maxrss`
+     with a warm-up of 1 loop / depth 1, whose peak lies below the measured step's.
+   - As an exact, noise-free cross-check the same step also sums the bytes autograd saves
+     for backward (`torch.autograd.graph.saved_tensors_hooks`, deduplicated by storage,
+     parameters excluded): the activation memory, the part that depends on bptt_depth.
+   `torch.profiler(profile_memory=True)` was not used: its per-op allocation records would
+   have to be replayed in time order to find a peak, it misses allocations outside profiled
+   ops, and it adds its own memory and run time.
+   On CUDA the peak is `torch.cuda.max_memory_allocated() - memory_allocated()` before the
+   step, after `reset_peak_memory_stats()`, in this process.
+
+Every timing is the best of several repetitions: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mythos import Mythos, get_variant  # noqa: E402
+
+MIB = 1024**2
+DEFAULT_CONFIG = ROOT / "jobs" / "configs" / "debug.yaml"
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 (no autocast) on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def linear_fit(xs, ys) -> tuple[float, float, float]:
+    """Least squares y = slope * x + intercept; returns (slope, intercept, R^2)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return slope, intercept, r2
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+@dataclass
+class Trainer:
+    """One model + AdamW + a fixed random batch; `step()` is one full training step."""
+
+    model: Mythos
+    opt: torch.optim.Optimizer
+    x: torch.Tensor
+    device: torch.device
+
+    @classmethod
+    def build(cls, mcfg, batch: int, seq: int, device: torch.device) -> "Trainer":
+        torch.manual_seed(0)
+        model = Mythos(mcfg).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        x = torch.randint(0, min(256, mcfg.vocab_size), (batch, seq + 1), device=device)
+        return cls(model, opt, x, device)
+
+    def step(self, loops: int, bptt: int) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            out = self.model(self.x[:, :-1], targets=self.x[:, 1:], n_loops=loops, bptt_depth=bptt)
+        out.loss.backward()
+        self.opt.step()
+        return float(out.loss.detach())
+
+    def time_step(self, loops: int, bptt: int, reps: int, warmup: int = 1) -> float:
+        """Best wall time (s) of one step over `reps` repetitions."""
+        for _ in range(warmup):
+            self.step(loops, bptt)
+        sync(self.device)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            self.step(loops, bptt)
+            sync(self.device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Data pipeline vs trainer
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2):
+    """A private local Ray (same settings as tests/test_data.py), shut down on exit."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             object_store_memory=300 * MIB, configure_logging=False)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield
+    finally:
+        ray.shutdown()
+
+
+def pipeline_throughput(data_cfg, batch_size: int) -> dict:
+    """Drain the training dataset once; needs Ray initialised. Rates count seq_len tokens per row."""
+    from mythos.tokenizer import load_tokenizer
+    from mythos_platform.data.pipeline import build_datasets
+
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    t_build = time.perf_counter()
+    train, _ = build_datasets(data_cfg, tokenizer)
+    build_s = time.perf_counter() - t_build
+    rows = 0
+    first_s = None
+    t0 = time.perf_counter()
+    for batch in train.iter_torch_batches(batch_size=batch_size, drop_last=False):
+        ids = batch["input_ids"]
+        assert ids.shape[1] == data_cfg.seq_len + 1, ids.shape
+        rows += ids.shape[0]
+        if first_s is None:
+            first_s = time.perf_counter() - t0
+            first_rows = rows
+    total_s = time.perf_counter() - t0
+    tokens = rows * data_cfg.seq_len
+    after_first = (rows - first_rows) * data_cfg.seq_len / max(total_s - first_s, 1e-9) if rows else 0.0
+    return {"rows": rows, "tokens": tokens, "build_s": build_s, "first_batch_s": first_s or 0.0,
+            "total_s": total_s, "tokens_per_s": tokens / total_s if total_s > 0 else 0.0,
+            "after_first_tokens_per_s": after_first}
+
+
+def trainer_throughput(mcfg, batch: int, seq: int, loops: int, bptt: int, device: torch.device,
+                       reps: int) -> dict:
+    """Tokens/s (batch * seq per step) of single-process training steps, best of `reps`."""
+    tr = Trainer.build(mcfg, batch, seq, device)
+    step_s = tr.time_step(loops, bptt, reps)
+    return {"step_s": step_s, "tokens_per_s": batch * seq / step_s}
+
+
+def section_pipeline(args, device: torch.device) -> bool:
+    from mythos_platform.config import load_config
+
+    overrides = ["data.materialize=false", f"data.n_docs={args.n_docs}", "data.val_docs=0", *args.set]
+    cfg = load_config(args.config, overrides=overrides)
+    mcfg = cfg.model.build()
+    batch, seq = cfg.train.batch_size, cfg.data.seq_len
+    print(f"\n== 1. Data pipeline vs trainer  ({Path(args.config).name}, overrides: {' '.join(overrides)})")
+    print(f"   batch {batch} x seq_len {seq}; model {cfg.model.variant}: n_loops {mcfg.n_loops}, "
+          f"bptt_depth {mcfg.bptt_depth}; shuffle_seed {cfg.data.shuffle_seed}, "
+          f"cpus_per_task {cfg.data.cpus_per_task}")
+    with local_ray(args.ray_cpus):
+        p = pipeline_throughput(cfg.data, batch)
+    t = trainer_throughput(mcfg, batch, seq, mcfg.n_loops, mcfg.bptt_depth, device, args.reps)
+    ratio = p["tokens_per_s"] / t["tokens_per_s"]
+    ok = ratio >= 5.0
+    print(f"   pipeline : {p['rows']} rows = {p['tokens']:,} tokens in {p['total_s']:.2f} s "
+          f"(build {p['build_s']:.2f} s, first batch after {p['first_batch_s']:.2f} s, "
+          f"{p['after_first_tokens_per_s']:,.0f} tok/s after it)")
+    print(f"   pipeline : {p['tokens_per_s']:>12,.0f} tokens/s  (end to end)")
+    print(f"   trainer  : {t['tokens_per_s']:>12,.0f} tokens/s  ({t['step_s'] * 1e3:.1f} ms/step, best of {args.reps})")
+    print(f"   ratio    : {ratio:>12.1f} x   (goal >= 5x)  {verdict(ok)}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Step time vs loop count
+# ---------------------------------------------------------------------------------------
+def step_times(mcfg, loops_list, bptt_fixed: int, batch: int, seq: int, device: torch.device,
+               reps: int) -> dict[str, list[float]]:
+    """{"full": [s per step for each loop count], "fixed": [...]}: best of `reps`, one model for all."""
+    tr = Trainer.build(mcfg, batch, seq, device)
+    out: dict[str, list[float]] = {"full": [], "fixed": []}
+    for loops in loops_list:
+        out["full"].append(tr.time_step(loops, loops, reps))
+        out["fixed"].append(tr.time_step(loops, min(bptt_fixed, loops), reps))
+    return out
+
+
+def section_step_time(args, mcfg, device: torch.device) -> bool:
+    loops_list, k = args.time_loops, args.bptt
+    print(f"\n== 2. Step time vs loop count  (batch {args.batch} x seq {args.seq}, best of {args.reps}, "
+          f"fwd + bwd + AdamW)")
+    res = step_times(mcfg, loops_list, k, args.batch, args.seq, device, args.reps)
+    print(f"   {'loops':>5} | {'full bptt ms':>12} {'ms/loop':>8} | {f'bptt={k} ms':>12} {'ms/loop':>8}")
+    for i, loops in enumerate(loops_list):
+        f, x = res["full"][i] * 1e3, res["fixed"][i] * 1e3
+        print(f"   {loops:>5} | {f:>12.1f} {f / loops:>8.1f} | {x:>12.1f} {x / loops:>8.1f}")
+    ok = True
+    for name, label in (("full", "full bptt"), ("fixed", f"bptt={k}")):
+        slope, icpt, r2 = linear_fit(loops_list, [s * 1e3 for s in res[name]])
+        good = r2 >= 0.95
+        ok &= good
+        print(f"   fit {label:>9}: ms = {slope:7.2f} * loops + {icpt:7.2f}   R^2 = {r2:.4f}  {verdict(good)}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Peak memory vs loop count
+# ---------------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def saved_activation_step(tr: Trainer, loops: int, bptt: int) -> int:
+    """One training step; returns the bytes autograd saved for its backward pass (unique
+    storages, parameters excluded)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in tr.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr not in param_ptrs and ptr != 0:
+            seen[ptr] = max(seen.get(ptr, 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tr.step(loops, bptt)
+    return sum(seen.values())
+
+
+def measure_step_memory(mcfg_dict: dict, loops: int, bptt: int, batch: int, seq: int, device: str,
+                        threads: int) -> dict:
+    """Peak bytes of one training step above the memory live before it (run this in a fresh process on CPU)."""
+    from mythos.config import MythosConfig
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    mcfg = MythosConfig.from_dict(mcfg_dict)
+    tr = Trainer.build(mcfg, batch, seq, dev)
+    if dev.type == "cuda":
+        saved = saved_activation_step(tr, loops, bptt)  # also the warm-up
+        tr.opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        tr.step(loops, bptt)
+        torch.cuda.synchronize()
+        return {"peak": torch.cuda.max_memory_allocated() - before, "saved": saved,
+                "method": "torch.cuda.max_memory_allocated"}
+    if _reset_hwm():
+        saved = saved_activation_step(tr, loops, bptt)  # warm-up of the same configuration
+        tr.opt.zero_grad(set_to_none=True)
+        gc.collect()
+        before = _proc_status_kib("VmRSS") * 1024
+        _reset_hwm()
+        tr.step(loops, bptt)
+        peak, method = _proc_status_kib("VmHWM") * 1024, "VmHWM after /proc/self/clear_refs reset"
+    else:
+        # ru_maxrss only grows: warm up with a smaller step, whose peak lies below this one's
+        tr.step(1, 1)
+        tr.opt.zero_grad(set_to_none=True)
+        gc.collect()
+        before = _proc_status_kib("VmRSS") * 1024
+        tr.step(loops, bptt)
+        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+        tr.opt.zero_grad(set_to_none=True)
+        saved = saved_activation_step(tr, loops, bptt)
+    return {"peak": peak - before, "saved": saved, "method": method, "rss_before": before}
+
+
+def step_memory(mcfg, loops: int, bptt: int, batch: int, seq: int, device: torch.device,
+                threads: int = 2) -> dict:
+    """`measure_step_memory` in a fresh subprocess (CPU) or in this process (CUDA)."""
+    if device.type == "cuda":
+        return measure_step_memory(mcfg.to_dict(), loops, bptt, batch, seq, "cuda", threads)
+    spec = json.dumps({"cfg": mcfg.to_dict(), "loops": loops, "bptt": bptt, "batch": batch, "seq": seq,
+                       "threads": threads})
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_mem-child", spec],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory subprocess failed (loops={loops}, bptt={bptt}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_table(mcfg, loops_list, bptt_fixed: int, batch: int, seq: int, device: torch.device,
+                 jobs: int = 2, threads: int = 1) -> dict[str, list[dict]]:
+    """{"fixed": [...], "full": [...]} of `step_memory` results per loop count.
+
+    CPU: `jobs` subprocesses at a time (each process measures only itself, so running them
+    side by side does not change the figures, only the wall time); configurations that
+    coincide (loops <= bptt_fixed) are measured once."""
+    configs = {(n, min(bptt_fixed, n)) for n in loops_list} | {(n, n) for n in loops_list}
+    order = sorted(configs, key=lambda c: -(c[0] + 4 * c[1]))  # longest first
+    if device.type == "cuda":
+        res = {c: step_memory(mcfg, *c, batch, seq, device, threads) for c in order}
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futs = {c: pool.submit(step_memory, mcfg, *c, batch, seq, device, threads) for c in order}
+            res = {c: f.result() for c, f in futs.items()}
+    return {"fixed": [res[(n, min(bptt_fixed, n))] for n in loops_list],
+            "full": [res[(n, n)] for n in loops_list]}
+
+
+def section_memory(args, mcfg, device: torch.device) -> bool:
+    loops_list, k = args.mem_loops, args.bptt
+    print(f"\n== 3. Peak memory of one training step vs loop count  (batch {args.batch} x seq {args.seq}; "
+          f"MiB above what is live before the step)")
+    tab = memory_table(mcfg, loops_list, k, args.batch, args.seq, device, args.mem_jobs, args.mem_threads)
+    method = tab["fixed"][0]["method"]
+    print(f"   peak: {method}, one fresh process per configuration; "
+          f"saved: activations autograd keeps for backward (exact)")
+    print(f"   {'loops':<20}" + "".join(f"{n:>8}" for n in loops_list))
+    for name, label in (("fixed", f"bptt={k}"), ("full", "full bptt")):
+        print(f"   {label + ' peak MiB':<20}" + "".join(f"{r['peak'] / MIB:>8.1f}" for r in tab[name]))
+        print(f"   {label + ' saved MiB':<20}" + "".join(f"{r['saved'] / MIB:>8.1f}" for r in tab[name]))
+    fixed = [r["peak"] for r in tab["fixed"]]
+    full = [r["peak"] for r in tab["full"]]
+    spread = max(fixed) / min(fixed) - 1.0 if min(fixed) > 0 else float("inf")
+    ok = spread <= 0.10
+    slope, icpt, r2 = linear_fit(loops_list, [p / MIB for p in full])
+    print(f"   bptt={k}: max/min - 1 = {spread * 100:.1f}% (goal <= 10%)  {verdict(ok)}")
+    print(f"   full bptt: {full[-1] / max(full[0], 1):.1f}x from {loops_list[0]} to {loops_list[-1]} loops, "
+          f"{slope:.1f} MiB/loop + {icpt:.1f} MiB (R^2 {r2:.4f})")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+def ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="job config for section 1 (and the model)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for section 1, e.g. data.shuffle_seed=null (repeatable)")
+    ap.add_argument("--n-docs", type=int, default=40000, help="generated problems the pipeline produces")
+    ap.add_argument("--ray-cpus", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2), help="torch intra-op threads")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--bptt", type=int, default=2, help="fixed backprop depth of sections 2 and 3")
+    ap.add_argument("--time-loops", type=ints, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--mem-loops", type=ints, default=[2, 4, 8, 16, 32])
+    ap.add_argument("--mem-jobs", type=int, default=2, help="memory subprocesses run side by side (CPU)")
+    ap.add_argument("--mem-threads", type=int, default=1, help="torch threads of each memory subprocess")
+    ap.add_argument("--only", type=ints, default=[1, 2, 3], help="sections to run, e.g. 2,3")
+    ap.add_argument("--quick", action="store_true", help="smaller run: 10k docs, 2 reps, fewer loop counts")
+    ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_docs, args.reps = min(args.n_docs, 10000), min(args.reps, 2)
+        args.time_loops, args.mem_loops = [1, 2, 4, 8], [2, 4, 8, 16]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.mem_child is not None:
+        spec = json.loads(args.mem_child)
+        r = measure_step_memory(spec["cfg"], spec["loops"], spec["bptt"], spec["batch"], spec["seq"], "cpu",
+                                spec["threads"])
+        print(json.dumps(r))
+        return 0
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    from mythos_platform.config import load_config
+
+    mcfg = load_config(args.config, overrides=[s for s in args.set if s.startswith("model.")]).model.build()
+    t0 = time.perf_counter()
+    print(f"train_bench: device {device} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), "
+          f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; "
+          f"model {sum(p.numel() for p in Mythos(mcfg).parameters()) / 1e6:.2f}M params")
+    results = {}
+    if 1 in args.only:
+        results["1 pipeline >= 5x trainer"] = section_pipeline(args, device)
+    if 2 in args.only:
+        results["2 step time linear in loops"] = section_step_time(args, mcfg, device)
+    if 3 in args.only:
+        results["3 fixed-depth memory flat"] = section_memory(args, mcfg, device)
+    print(f"\n== Summary ({time.perf_counter() - t0:.0f} s)")
+    for name, ok in results.items():
+        print(f"   {verdict(ok)}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Timing helpers shared by the trainer (MFU) and the benchmarks: best-of-N timing and the
+practical matmul peak of a device, measured rather than taken from a datasheet."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], reps: int, device: torch.device, warmup: int = 1) -> float:
+    """Fastest of `reps` runs in seconds (robust to other processes on a small machine)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a large square matmul on this device and dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    inner = 4 if device.type == "cpu" else 50
+    t = best_time(lambda: [a @ b for _ in range(inner)], reps, device)
+    return 2 * n**3 * inner / t

@@ -1,0 +1,115 @@
+"""Wrap the single-device model for data parallelism: FSDP2 (fully_shard per block) or DDP.
+
+The model code knows nothing of this (see shared/STYLE.md): it is built on the meta device,
+each transformer block and then the root are sharded with `fully_shard` on a 1-D device mesh,
+and only then are the parameters allocated and initialised. gloo on CPU, NCCL + bf16 mixed
+precision on GPU (the process group itself is set up by Ray Train's TorchTrainer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mythos import Mythos, MythosConfig
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def use_bf16(mixed_precision: str, device: torch.device) -> bool:
+    """"auto" means bf16 on CUDA and fp32 on CPU."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
+def blocks(model: Mythos) -> list[nn.Module]:
+    return [*model.prelude, *model.core.layers, *model.coda]
+
+
+def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16: bool, seed: int) -> nn.Module:
+    """The model, initialised identically on every rank and wrapped for `parallelism`."""
+    world = world_size()
+    if parallelism == "fsdp" and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        with torch.device("meta"):
+            model = Mythos(cfg)
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        for block in blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        model.to_empty(device=device)
+        torch.manual_seed(seed)
+        model.init_weights()
+        return model
+    torch.manual_seed(seed)
+    model = Mythos(cfg).to(device)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # buffers (router bias, expert load) are kept in step by the trainer, not broadcast; the
+        # graph changes with the sampled loop count (e.g. one loop never calls the ACT head)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+                    find_unused_parameters=True)
+    return model
+
+
+def unwrap(model: nn.Module) -> Mythos:
+    """The Mythos module inside a DDP wrapper (FSDP2 modifies the module in place)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, Mythos) else model  # type: ignore
+
+
+def autocast(device: torch.device, bf16: bool, fsdp: bool):
+    """bf16 autocast for DDP/single-device runs; FSDP2's policy casts parameters itself."""
+    if bf16 and not fsdp:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _comm_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        out = t.detach().to(_comm_device(), torch.float32, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return (out / world_size()).to(t.device)
+    return t
+
+
+def all_reduce_min(value: int) -> int:
+    if world_size() > 1:
+        t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+    return value
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if world_size() > 1 and tensors:
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(_comm_device())
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat.to(tensors[0].device)
+        out, i = [], 0
+        for t in tensors:
+            out.append(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+        return out
+    return tensors
+
+
+def no_sync(model: nn.Module, active: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if active and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()

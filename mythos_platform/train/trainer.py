@@ -1,0 +1,147 @@
+"""Driver side of pretraining: data, Ray Train TorchTrainer, MLflow run, export.
+
+    result = run_pretrain(load_config("jobs/configs/debug.yaml"))
+
+Re-launching with the same run name resumes: Ray Train finds the run's latest registered
+checkpoint under the storage path, and the same MLflow run is continued.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mythos.tokenizer import load_tokenizer
+
+from ..config import PretrainConfig
+from ..data.pipeline import build_datasets
+from ..ray_env import init_ray
+from ..tracking import Tracker, git_tags
+from .loop import train_loop_per_worker
+
+log = logging.getLogger("mythos.train")
+
+RUN_NAME_TAG = "mythos.run_name"
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    run_root: Path
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    export_dir: Path
+    mlflow_run_id: str | None
+    tracking_uri: str
+
+
+def _run_name(cfg: PretrainConfig) -> str:
+    return cfg.run.name or cfg.tracking.run_name or "pretrain"
+
+
+def _find_mlflow_run(tracker: Tracker, name: str) -> str | None:
+    """The MLflow run of an earlier launch with the same run name (to continue it)."""
+    try:
+        exp = tracker.client.get_experiment_by_name(tracker.cfg.experiment)
+        if exp is None:
+            return None
+        runs = tracker.client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'",
+                                          order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+    except Exception as exc:  # tracking outage: train anyway
+        log.warning("could not look up earlier MLflow runs: %s", exc)
+        return None
+
+
+def run_pretrain(cfg: PretrainConfig, fault: dict | None = None) -> PretrainResult:
+    """Train `cfg` on the current Ray cluster (starting a local one if needed)."""
+    name = _run_name(cfg)
+    run_root = Path(cfg.run.root).resolve()
+    run_root.mkdir(parents=True, exist_ok=True)
+    storage = cfg.checkpoint.resolved_storage_path(str(run_root))  # a path or a URI (s3://, gs://)
+    export_dir = Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
+    init_ray()
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model_cfg = cfg.model.build()
+    train_ds, val_ds = build_datasets(cfg.data, tokenizer)
+
+    tracker = Tracker(cfg.tracking, run_root)
+    run_id = _find_mlflow_run(tracker, name)
+    resumed = run_id is not None
+    if resumed:
+        tracker.run_id = run_id
+        try:
+            tracker.client.update_run(run_id, status="RUNNING")
+        except Exception as exc:
+            log.warning("could not reopen MLflow run %s: %s", run_id, exc)
+    else:
+        tags = {RUN_NAME_TAG: name, "mythos.job": "pretrain", "mythos.variant": cfg.model.variant,
+                "mythos.attn": model_cfg.attn_type, "mythos.loops.mean": model_cfg.train_loops_mean,
+                "mythos.loops.distribution": model_cfg.loop_distribution,
+                "mythos.loops.bptt": model_cfg.bptt_depth, **git_tags(Path(__file__).resolve().parents[2])}
+        tracker.start(run_name=name, tags=tags)
+        tracker.log_params(cfg.to_dict())
+        tracker.log_params({"model_resolved": model_cfg.to_dict()})
+    tracker.log_dict(cfg.to_dict(), "config/pretrain.json")
+
+    datasets = {"train": train_ds}
+    if val_ds is not None:
+        datasets["val"] = val_ds
+    sc = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "run_root": str(run_root),
+            "mlflow_run_id": tracker.run_id,
+            "export_dir": str(export_dir),
+            "fault": fault,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=sc.worker_resources(),
+                                               placement_strategy=sc.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        datasets=datasets,
+    )
+    print(f"[mythos] training run '{name}' ({cfg.model.variant}, {sc.num_workers} workers, "
+          f"{cfg.train.parallelism}){' — resuming' if resumed else ''}; checkpoints in {storage}/{name}", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.end("FAILED")
+        raise
+    metrics = dict(result.metrics or {})
+    history = tracker.metric_history("loss")
+    if history:
+        tracker.log_loss_curve({"loss": history, "val_loss": tracker.metric_history("val_loss")})
+    if export_dir.exists():
+        tracker.log_artifact(str(export_dir), artifact_path="model")
+    tracker.end("FINISHED")
+    return PretrainResult(name, run_root, metrics, result.checkpoint.path if result.checkpoint else None,
+                          export_dir, tracker.run_id, tracker.uri)
+
+
+def print_summary(res: PretrainResult) -> None:
+    loss = res.metrics.get("loss")
+    val = res.metrics.get("val_loss")
+    print("\n[mythos] done.")
+    if loss is not None:
+        print(f"  final loss {loss:.3f}" + (f", validation loss {val:.3f}" if val is not None else ""))
+    print(f"  exported model : {res.export_dir}")
+    print(f"  last checkpoint: {res.checkpoint_path}")
+    print(f"  MLflow run     : {res.mlflow_run_id} in {res.tracking_uri}")
+    if res.tracking_uri.startswith("sqlite:"):
+        print(f"  open the UI    : mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1 --port 5000")
