@@ -38,12 +38,13 @@ Three sections, each printed as a table with a PASS/MISS verdict:
      the resident set size (RSS) follows the live tensor bytes closely, instead of holding
      on to freed heap memory (a fixed threshold also turns off glibc's dynamic threshold,
      which otherwise moves large blocks onto the heap after the first free).
-   - It builds the model and optimizer, runs one warm-up step of the same configuration
-     (AdamW state, lazy buffers and oneDNN caches exist afterwards), drops the gradients,
+   - It builds the model and optimizer, runs one warm-up step (AdamW state, lazy buffers
+     and oneDNN caches exist afterwards), drops the gradients (set_to_none), collects garbage,
      reads VmRSS, resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`,
      Linux >= 4.0), runs the measured step and reads VmHWM: peak = VmHWM - VmRSS(before).
-     Without a writable clear_refs it falls back to `resource.getrusage(RUSAGE_SELF).ru_maxrss`
-     with a warm-up of 1 loop / depth 1, whose peak lies below the measured step's.
+     Without a writable clear_refs it reads `resource.getrusage(RUSAGE_SELF).ru_maxrss`
+     instead, which is why the warm-up is the smallest step (1 loop, depth 1): its peak
+     lies below the measured step's, so the high-water mark is the measured step's own.
    - As an exact, noise-free cross-check the same step also sums the bytes autograd saves
      for backward (`torch.autograd.graph.saved_tensors_hooks`, deduplicated by storage,
      parameters excluded): the activation memory, the part that depends on bptt_depth.
@@ -140,17 +141,20 @@ class Trainer:
         self.opt.step()
         return float(out.loss.detach())
 
-    def time_step(self, loops: int, bptt: int, reps: int, warmup: int = 1) -> float:
-        """Best wall time (s) of one step over `reps` repetitions."""
+    def time_step(self, loops: int, bptt: int, reps: int, warmup: int = 1, min_time: float = 0.0,
+                  max_reps: int = 10) -> float:
+        """Best wall time (s) of one step over `reps` repetitions, more (up to `max_reps`) while
+        the repetitions so far took less than `min_time` seconds (cheap steps get more tries)."""
         for _ in range(warmup):
             self.step(loops, bptt)
         sync(self.device)
-        best = float("inf")
-        for _ in range(reps):
+        best, spent, n = float("inf"), 0.0, 0
+        while n < reps or (spent < min_time and n < max_reps):
             t0 = time.perf_counter()
             self.step(loops, bptt)
             sync(self.device)
-            best = min(best, time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            best, spent, n = min(best, dt), spent + dt, n + 1
         return best
 
 
@@ -160,15 +164,20 @@ class Trainer:
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2):
     """A private local Ray (same settings as tests/test_data.py), shut down on exit."""
+    import logging
+
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    for name in ("ray", "ray.data", "ray._private"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              object_store_memory=300 * MIB, configure_logging=False)
     try:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # execution-plan INFO lines
         yield
     finally:
         ray.shutdown()
@@ -212,7 +221,8 @@ def trainer_throughput(mcfg, batch: int, seq: int, loops: int, bptt: int, device
 def section_pipeline(args, device: torch.device) -> bool:
     from mythos_platform.config import load_config
 
-    overrides = ["data.materialize=false", f"data.n_docs={args.n_docs}", "data.val_docs=0", *args.set]
+    overrides = ["data.materialize=false", "data.val_docs=0",
+                 *([f"data.n_docs={args.n_docs}"] if args.n_docs else []), *args.set]
     cfg = load_config(args.config, overrides=overrides)
     mcfg = cfg.model.build()
     batch, seq = cfg.train.batch_size, cfg.data.seq_len
@@ -238,13 +248,17 @@ def section_pipeline(args, device: torch.device) -> bool:
 # 2. Step time vs loop count
 # ---------------------------------------------------------------------------------------
 def step_times(mcfg, loops_list, bptt_fixed: int, batch: int, seq: int, device: torch.device,
-               reps: int) -> dict[str, list[float]]:
-    """{"full": [s per step for each loop count], "fixed": [...]}: best of `reps`, one model for all."""
+               reps: int, min_time: float = 1.0) -> dict[str, list[float]]:
+    """{"full": [s per step for each loop count], "fixed": [...]}: best of >= `reps`, one model for all.
+
+    A loop count <= bptt_fixed is full backprop either way: measured once, used in both rows."""
     tr = Trainer.build(mcfg, batch, seq, device)
     out: dict[str, list[float]] = {"full": [], "fixed": []}
     for loops in loops_list:
-        out["full"].append(tr.time_step(loops, loops, reps))
-        out["fixed"].append(tr.time_step(loops, min(bptt_fixed, loops), reps))
+        full = tr.time_step(loops, loops, reps, min_time=min_time)
+        out["full"].append(full)
+        out["fixed"].append(full if loops <= bptt_fixed else
+                            tr.time_step(loops, bptt_fixed, reps, min_time=min_time))
     return out
 
 
@@ -252,17 +266,23 @@ def section_step_time(args, mcfg, device: torch.device) -> bool:
     loops_list, k = args.time_loops, args.bptt
     print(f"\n== 2. Step time vs loop count  (batch {args.batch} x seq {args.seq}, best of {args.reps}, "
           f"fwd + bwd + AdamW)")
-    res = step_times(mcfg, loops_list, k, args.batch, args.seq, device, args.reps)
+    res = step_times(mcfg, loops_list, k, args.batch, args.seq, device, args.reps, args.min_time)
     print(f"   {'loops':>5} | {'full bptt ms':>12} {'ms/loop':>8} | {f'bptt={k} ms':>12} {'ms/loop':>8}")
     for i, loops in enumerate(loops_list):
         f, x = res["full"][i] * 1e3, res["fixed"][i] * 1e3
         print(f"   {loops:>5} | {f:>12.1f} {f / loops:>8.1f} | {x:>12.1f} {x / loops:>8.1f}")
     ok = True
-    for name, label in (("full", "full bptt"), ("fixed", f"bptt={k}")):
-        slope, icpt, r2 = linear_fit(loops_list, [s * 1e3 for s in res[name]])
+    for name, label, lo in (("full", "full bptt", 1), ("fixed", f"bptt={k}", k)):
+        pts = [(n, t * 1e3) for n, t in zip(loops_list, res[name]) if n >= lo]
+        if len(pts) < 3:
+            print(f"   fit {label:>9}: fewer than 3 loop counts >= {lo}, no fit")
+            continue
+        slope, icpt, r2 = linear_fit(*zip(*pts))
         good = r2 >= 0.95
         ok &= good
-        print(f"   fit {label:>9}: ms = {slope:7.2f} * loops + {icpt:7.2f}   R^2 = {r2:.4f}  {verdict(good)}")
+        where = "all loop counts" if lo <= min(loops_list) else f"loops >= {lo}, where the depth is fixed"
+        print(f"   fit {label:>9}: ms = {slope:7.2f} * loops + {icpt:7.2f}   R^2 = {r2:.4f}  {verdict(good)}"
+              f"   ({where})")
     return ok
 
 
@@ -323,24 +343,18 @@ def measure_step_memory(mcfg_dict: dict, loops: int, bptt: int, batch: int, seq:
         torch.cuda.synchronize()
         return {"peak": torch.cuda.max_memory_allocated() - before, "saved": saved,
                 "method": "torch.cuda.max_memory_allocated"}
-    if _reset_hwm():
-        saved = saved_activation_step(tr, loops, bptt)  # warm-up of the same configuration
-        tr.opt.zero_grad(set_to_none=True)
-        gc.collect()
-        before = _proc_status_kib("VmRSS") * 1024
-        _reset_hwm()
-        tr.step(loops, bptt)
-        peak, method = _proc_status_kib("VmHWM") * 1024, "VmHWM after /proc/self/clear_refs reset"
+    # Warm-up with the smallest step (AdamW state, lazy buffers, oneDNN caches); its peak lies
+    # below the measured step's, which matters for ru_maxrss, the fallback, that only grows.
+    tr.step(1, 1)
+    tr.opt.zero_grad(set_to_none=True)
+    gc.collect()
+    before = _proc_status_kib("VmRSS") * 1024
+    reset = _reset_hwm()
+    saved = saved_activation_step(tr, loops, bptt)  # the measured step (the hooks allocate nothing)
+    if reset:
+        peak, method = _proc_status_kib("VmHWM") * 1024, "VmHWM after a /proc/self/clear_refs reset"
     else:
-        # ru_maxrss only grows: warm up with a smaller step, whose peak lies below this one's
-        tr.step(1, 1)
-        tr.opt.zero_grad(set_to_none=True)
-        gc.collect()
-        before = _proc_status_kib("VmRSS") * 1024
-        tr.step(loops, bptt)
         peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
-        tr.opt.zero_grad(set_to_none=True)
-        saved = saved_activation_step(tr, loops, bptt)
     return {"peak": peak - before, "saved": saved, "method": method, "rss_before": before}
 
 
@@ -416,10 +430,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="job config for section 1 (and the model)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for section 1, e.g. data.shuffle_seed=null (repeatable)")
-    ap.add_argument("--n-docs", type=int, default=40000, help="generated problems the pipeline produces")
+    ap.add_argument("--n-docs", type=int, default=None,
+                    help="generated problems the pipeline produces (default: the config's data.n_docs)")
     ap.add_argument("--ray-cpus", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2), help="torch intra-op threads")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
+    ap.add_argument("--min-time", type=float, default=1.0,
+                    help="section 2: repeat a cheap step (up to 10 times) until this many seconds are spent")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--bptt", type=int, default=2, help="fixed backprop depth of sections 2 and 3")
@@ -432,7 +449,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
-        args.n_docs, args.reps = min(args.n_docs, 10000), min(args.reps, 2)
+        args.n_docs, args.reps, args.min_time = min(args.n_docs or 10000, 10000), min(args.reps, 2), 0.5
         args.time_loops, args.mem_loops = [1, 2, 4, 8], [2, 4, 8, 16]
     return args
 

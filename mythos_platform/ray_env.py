@@ -1,8 +1,10 @@
 """Connect to Ray the way a job expects: the cluster it was submitted to, or a local one.
 
-Under `ray job submit` (RAY_ADDRESS is set) or beside a running `ray start --head`, jobs
-join that cluster. Otherwise a local single-node cluster starts in-process, bound to
-127.0.0.1 so no port listens beyond loopback.
+Under `ray job submit` (which sets RAY_ADDRESS), or with RAY_ADDRESS set by hand (e.g.
+`RAY_ADDRESS=127.0.0.1:6379` beside `cluster/start_head.sh`, or `auto`), jobs join that
+cluster. Otherwise a private single-node cluster starts in-process, bound to 127.0.0.1 so no
+port listens beyond loopback. (Joining "whatever cluster runs on this machine" implicitly
+would attach to another program's in-process cluster, which can vanish under the job.)
 """
 
 from __future__ import annotations
@@ -24,14 +26,8 @@ def init_ray(num_cpus: int | None = None, working_dir: str | None = None, quiet:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return
-    try:  # a head started with cluster/start_head.sh on this machine
-        ray.init(address="auto", runtime_env=runtime_env, log_to_driver=True)
-        log.info("joined the running Ray cluster")
-        return
-    except (ConnectionError, RuntimeError, ValueError):
-        pass
-    # the dashboard serves the state API that Ray Train/Tune use to clean up placement groups
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env=runtime_env, log_to_driver=True, configure_logging=not quiet)
+    else:
+        # the dashboard serves the state API that Ray Train/Tune use to clean up placement groups
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=True, configure_logging=not quiet)
     ray.data.DataContext.get_current().enable_progress_bars = False

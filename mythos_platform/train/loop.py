@@ -92,6 +92,18 @@ def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def apply_update(finite: bool, policy: str, step: int, loss: float, grad_norm: float) -> bool:
+    """The non-finite guard: True to apply the update, False to skip it ("skip"), or raise ("stop")."""
+    if finite:
+        return True
+    if policy == "stop":
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}); set "
+            "train.nonfinite=skip to skip such steps, or lower train.lr")
+    log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s), update skipped", step, loss, grad_norm)
+    return False
+
+
 def _loss(out, targets: torch.Tensor, tcfg, deep: bool) -> torch.Tensor:
     loss = out.loss
     if out.aux_loss is not None:
@@ -195,16 +207,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm.detach().cpu())
         finite = bool(all_reduce_mean(finite.float()) == 1.0)  # every rank agrees to step or skip
-        if not finite:
-            opt.zero_grad(set_to_none=True)
-            if tcfg.nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {state.step} (loss={float(step_loss)}, "
-                    f"grad_norm={float(grad_norm)}); set train.nonfinite=skip to skip such steps, or lower train.lr")
-            window["skipped"] += 1
-            log.warning("step %d: non-finite loss/gradient, update skipped", state.step)
-        else:
+        if apply_update(finite, tcfg.nonfinite, state.step, float(step_loss), float(grad_norm)):
             opt.step()
+        else:
+            window["skipped"] += 1
         opt.zero_grad(set_to_none=True)
         sched.step()
         # aux-loss-free balancing: every rank applies the step from the load summed over ranks

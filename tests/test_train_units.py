@@ -1,0 +1,99 @@
+"""Trainer building blocks without Ray: optimizer schedule, checkpoints, the non-finite guard."""
+
+import json
+
+import pytest
+import torch
+
+from mythos import Mythos, get_variant
+from mythos.checkpoint import load_pretrained
+from mythos_platform.train.checkpointing import (
+    CheckpointError,
+    TrainState,
+    export_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mythos_platform.train.loop import NonFiniteLossError, apply_update
+from mythos_platform.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+def test_warmup_then_cosine_to_min():
+    f = [lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after warmup
+    assert f[110] == pytest.approx(0.1)
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_weight_decay_only_on_matrices():
+    model = Mythos(get_variant("debug"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any(p is model.core.injection.b for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+
+
+def _train_step(model, opt, sched):
+    x = torch.randint(0, 256, (2, 17))
+    model(x[:, :-1], targets=x[:, 1:], n_loops=2).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    torch.manual_seed(0)
+    cfg = get_variant("debug")
+    model = Mythos(cfg)
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu"))
+    sched = build_scheduler(opt, 2, 20, 1e-3, 1e-4)
+    for _ in range(3):
+        _train_step(model, opt, sched)
+    state = TrainState(step=3, tokens=96, data_epoch=1, data_batches=7)
+    save_checkpoint(tmp_path, model, opt, sched, state, rank=0)
+    after_save = torch.rand(3)
+
+    torch.manual_seed(123)
+    fresh = Mythos(cfg)
+    fresh_opt = build_optimizer(fresh, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu"))
+    fresh_sched = build_scheduler(fresh_opt, 2, 20, 1e-3, 1e-4)
+    restored = load_checkpoint(tmp_path, fresh, fresh_opt, fresh_sched, rank=0)
+    assert restored == state
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert fresh_sched.get_last_lr() == sched.get_last_lr()
+    assert torch.equal(torch.rand(3), after_save)  # RNG state restored
+    # both continue identically
+    torch.manual_seed(5)
+    _train_step(model, opt, sched)
+    torch.manual_seed(5)
+    _train_step(fresh, fresh_opt, fresh_sched)
+    assert torch.equal(model.tok_emb.weight, fresh.tok_emb.weight)
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    model = Mythos(get_variant("debug"))
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu"))
+    sched = build_scheduler(opt, 2, 20, 1e-3, 1e-4)
+    save_checkpoint(tmp_path, model, opt, sched, TrainState(step=1), rank=0)
+    (tmp_path / "train_state.json").unlink()  # as if the writer died before finishing
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(tmp_path, model, opt, sched, rank=0)
+
+
+def test_export_writes_the_serving_format(tmp_path):
+    model = Mythos(get_variant("debug", attn_type="mla"))
+    export_model(model, model.cfg, tmp_path / "m", rank=0, metadata={"step": "5"})
+    loaded = load_pretrained(tmp_path / "m")
+    x = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, n_loops=2).logits, model.eval()(x, n_loops=2).logits)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["config"]["attn_type"] == "mla"
+
+
+def test_nonfinite_guard():
+    assert apply_update(True, "stop", 3, 1.0, 1.0)
+    assert not apply_update(False, "skip", 3, float("nan"), 1.0)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 3.*train.nonfinite=skip"):
+        apply_update(False, "stop", 3, float("inf"), 1.0)
