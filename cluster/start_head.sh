@@ -26,6 +26,19 @@ print_env=0
   --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
   --num-cpus="$NUM_CPUS" --disable-usage-stats >&2
 
+# the job server answers before its job agent has registered ("No available agent to submit
+# job"): wait until a no-op job is accepted
+ready=0
+for _ in $(seq 1 40); do
+  if RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT" "$RAY_BIN" job submit --no-wait \
+       --submission-id "mythos-head-ready-$(date +%s%N)" -- true >/dev/null 2>&1; then
+    ready=1
+    break
+  fi
+  sleep 1
+done
+[ "$ready" = 1 ] || { echo "the Ray job server did not become ready" >&2; exit 1; }
+
 env_lines="export RAY_AUTH_MODE=$RAY_AUTH_MODE
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
 export RAY_ADDRESS=127.0.0.1:$GCS_PORT"
