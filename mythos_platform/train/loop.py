@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,13 @@ log = logging.getLogger("mythos.train")
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def say(message: str) -> None:
+    """One progress line on the worker's stdout, which Ray streams to the driver. (Ray Train
+    patches `print` to also log through its logger, which shows every line twice.)"""
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
 
 
 def batch_stream(shard, batch_size: int, state: TrainState) -> Iterator[torch.Tensor]:
@@ -141,8 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model, opt, sched, rank)
         if rank == 0:
-            print(f"[mythos] resumed from checkpoint at step {state.step} (epoch {state.data_epoch}, "
-                  f"batch {state.data_batches} of this rank's shard)", flush=True)
+            say(f"[mythos] resumed from checkpoint at step {state.step} (epoch {state.data_epoch}, "
+                f"batch {state.data_batches} of this rank's shard)")
 
     tracker = Tracker(cfg.tracking, run_root, run_id=config.get("mlflow_run_id"), active=rank == 0)
     train_iter = batch_stream(ray.train.get_dataset_shard("train"), tcfg.batch_size, state)
@@ -253,10 +261,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step=state.step)
             if rank == 0:
                 val_txt = f" | val {metrics['val_loss']:.3f}" if "val_loss" in metrics else ""
-                print(f"[mythos] step {state.step:>5d}/{tcfg.steps} | loss {loss_mean:.3f} ppl "
-                      f"{metrics['perplexity']:.2f}{val_txt} | {tok_s:,.0f} tok/s | MFU {metrics['mfu']:.1%} | "
-                      f"loops {metrics['mean_loops']:.1f} | lr {metrics['lr']:.2e} | gnorm "
-                      f"{metrics['grad_norm']:.2f}", flush=True)
+                say(f"[mythos] step {state.step:>5d}/{tcfg.steps} | loss {loss_mean:.3f} ppl "
+                    f"{metrics['perplexity']:.2f}{val_txt} | {tok_s:,.0f} tok/s | MFU {metrics['mfu']:.1%} | "
+                    f"loops {metrics['mean_loops']:.1f} | lr {metrics['lr']:.2e} | gnorm "
+                    f"{metrics['grad_norm']:.2f}")
             last_metrics = {**last_metrics, **metrics, "step": state.step}
             window.update(loss=0.0, n=0, loops=0.0, flops=0.0, t0=time.perf_counter(), skipped=0)
         report({**last_metrics, "step": state.step}, save=is_ckpt)
