@@ -1,0 +1,81 @@
+"""Mechanics of the depth-extrapolation experiment on a tiny budget (not its result)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mythos_platform.config import ConfigError, load_config
+from mythos_platform.data.multihop import generate_problems
+from mythos_platform.data.multihop_tokens import PairTokenFormat
+from mythos_platform.depth import DepthConfig, run_depth_experiment
+from mythos_platform.depth.train import model_config, step_plan
+from mythos_platform.train.losses import per_loop_answer_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pair_token_format_and_per_loop_targets():
+    fmt = PairTokenFormat(16)
+    p = generate_problems(1, 3, seed=5)[0]
+    ids = fmt.encode(p)
+    assert len(ids) == 16 + 1 + 3 + 1 and ids[-1] == fmt.eq_id and ids[-4:-1] == [fmt.hop_id] * 3
+    mapping = p.mapping
+    for tok in ids[:16]:  # every pair token decodes back to (x, f(x))
+        x, fx = divmod(tok - fmt.pair_offset, 16)
+        assert mapping["abcdefghijklmnop"[x]] == "abcdefghijklmnop"[fx]
+    batch = fmt.batch([p], n_loops=6)
+    steps = [fmt.symbol(s) for s in p.steps]
+    assert batch["loop_targets"][0].tolist() == [steps[0], steps[1], steps[2], steps[2], steps[2], steps[2]]
+    assert batch["answers"][0] == steps[2] and batch["answer_pos"][0] == len(ids) - 1
+
+
+def test_per_loop_loss_uses_each_loops_target():
+    logits = [torch.full((1, 3, 5), -10.0) for _ in range(2)]
+    logits[0][0, 2, 1] = 10.0  # loop 1 predicts 1 at the answer position
+    logits[1][0, 2, 4] = 10.0  # loop 2 predicts 4
+    pos, targets = torch.tensor([2]), torch.tensor([[1, 4]])
+    assert per_loop_answer_loss(logits, pos, targets, first_loop=0).item() < 1e-3
+    assert per_loop_answer_loss(logits, pos, targets.flip(-1), first_loop=0).item() > 5
+
+
+def test_schedule_and_baseline_shape():
+    cfg = load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", cls=DepthConfig)
+    plans = [step_plan(cfg, s, looped=True) for s in range(50)]
+    assert all(h == [n] and 1 <= n <= 4 for h, n in plans)  # k-hop batches run k loops
+    assert plans == [step_plan(cfg, s, looped=True) for s in range(50)]
+    assert step_plan(cfg, 3, looped=False) == ([1, 2, 3, 4], 1)
+    base, rdt = model_config(cfg, False), model_config(cfg, True)
+    assert base.n_loops == 1 and base.dim == rdt.dim and base.n_layers_total == rdt.n_layers_total
+    with pytest.raises(ConfigError, match="eval_max_hops"):
+        load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["eval_max_hops=2"], cls=DepthConfig)
+    with pytest.raises(ConfigError, match="model.overrides.vocab_size"):
+        load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["model.overrides.vocab_size=100"], cls=DepthConfig)
+
+
+@pytest.mark.ray
+def test_tiny_experiment_fills_every_cell(tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 1024**2, configure_logging=False)
+    try:
+        cfg = load_config(ROOT / "jobs/configs/depth-extrapolation.yaml",
+                          [f"run.root={tmp_path}", "steps=6", "log_every=3", "eval_problems=4",
+                           "train_max_hops=2", "eval_max_hops=4", "eval_loops=[1,2,8]", "warmup_steps=2"],
+                          cls=DepthConfig)
+        res = run_depth_experiment(cfg)
+    finally:
+        ray.shutdown()
+    assert set(res.grid) == {(h, n) for h in range(1, 5) for n in (1, 2, 8)}
+    assert set(res.baseline) == {1, 2, 3, 4} and set(res.floor) == {1, 2, 3, 4}
+    assert res.params["rdt"] == res.params["baseline"]  # parameter-matched
+    assert res.plot_path.exists() and res.plot_path.stat().st_size > 10_000
+    assert "| 4 |" in res.table_md and "RDT 8 loops" in res.table_md
+    client = MlflowClient(res.tracking_uri)
+    hist = client.get_metric_history(res.run_id, "rdt_acc_hops_3")
+    assert sorted(m.step for m in hist) == [1, 2, 8]
+    assert client.get_metric_history(res.run_id, "baseline_loss")
+    arts = {a.path for a in client.list_artifacts(res.run_id)}
+    assert {"plots", "results", "models"} <= arts
