@@ -48,6 +48,10 @@ class DepthConfig(Section):
     eval_problems: int = 200
     """Problems per hop count (held-out seed)."""
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16])
+    pair_embedding_init: bool = True
+    """Initialise each pair token's embedding as (E[x] + Q E[f(x)]) / sqrt(2), Q a fixed random
+    rotation, so a pair token carries both of its symbols from the start (the pilot in
+    RESEARCH.md summed a source and a target embedding per position); training adjusts it."""
     baseline: bool = True
     threads_per_model: int = 1
     """torch threads of each training task (the RDT and the baseline train side by side)."""

@@ -39,6 +39,18 @@ def step_plan(cfg: DepthConfig, step: int, looped: bool) -> tuple[list[int], int
     return all_hops, int(torch.randint(cfg.train_max_hops, cfg.loop_max + 1, (1,), generator=g))
 
 
+@torch.no_grad()
+def init_pair_embeddings(model: Mythos, fmt: PairTokenFormat, seed: int) -> None:
+    """Pair token (x, y) starts as (E[x] + Q E[y]) / sqrt(2) with Q a fixed random rotation."""
+    emb = model.tok_emb.weight
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(emb.shape[1], emb.shape[1], generator=g))
+    S = fmt.n_symbols
+    sym = emb[:S]
+    pairs = (sym[:, None, :] + (sym @ q.T)[None, :, :]) / 2**0.5  # (x, y, D)
+    emb[fmt.pair_offset: fmt.pair_offset + S * S] = pairs.reshape(S * S, -1)
+
+
 def _loss(model: Mythos, batch: dict[str, torch.Tensor], n_loops: int, per_loop: bool) -> tuple[torch.Tensor, float]:
     out = model(batch["input_ids"], n_loops=n_loops, bptt_depth=n_loops, return_loop_logits=per_loop)
     final = at_positions(out.logits, batch["answer_pos"])
@@ -85,6 +97,8 @@ def train_and_evaluate(cfg_dict: dict[str, Any], looped: bool) -> dict[str, Any]
     fmt: PairTokenFormat = cfg.token_format
     mcfg = model_config(cfg, looped)
     model = Mythos(mcfg).train()
+    if cfg.pair_embedding_init:
+        init_pair_embeddings(model, fmt, cfg.seed)
     opt = build_optimizer(model, cfg.lr, (0.9, 0.95), cfg.weight_decay, torch.device("cpu"))
     sched = build_scheduler(opt, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr)
     per_loop = looped and cfg.supervision == "per_loop"
