@@ -21,7 +21,7 @@ Three sections, each printed as a table with a PASS/MISS verdict:
    warm pipeline >= 5x the trainer. Tokens are counted as rows x seq_len on both sides.
 
 2. Step time vs loop count (batch 8 x seq 128 by default): forward + backward + AdamW step,
-   best of N after a warm-up, with full backprop through the loop (bptt_depth = loops) and
+   best of N after a warm-up, the N rounds interleaved over all configurations, with full backprop through the loop (bptt_depth = loops) and
    with a fixed truncated depth (bptt_depth = min(2, loops)); ms/step, ms/step per loop, and
    a least-squares line ms = slope * loops + intercept with its R^2. PASS when both fits have
    R^2 >= 0.95 (the cost of the loop is linear in the loop count).
@@ -145,20 +145,25 @@ class Trainer:
         self.opt.step()
         return float(out.loss.detach())
 
-    def time_step(self, loops: int, bptt: int, reps: int, warmup: int = 1, min_time: float = 0.0,
-                  max_reps: int = 10) -> float:
-        """Best wall time (s) of one step over `reps` repetitions, more (up to `max_reps`) while
-        the repetitions so far took less than `min_time` seconds (cheap steps get more tries)."""
-        for _ in range(warmup):
-            self.step(loops, bptt)
+    def timed_step(self, loops: int, bptt: int) -> float:
         sync(self.device)
-        best, spent, n = float("inf"), 0.0, 0
-        while n < reps or (spent < min_time and n < max_reps):
-            t0 = time.perf_counter()
-            self.step(loops, bptt)
-            sync(self.device)
-            dt = time.perf_counter() - t0
-            best, spent, n = min(best, dt), spent + dt, n + 1
+        t0 = time.perf_counter()
+        self.step(loops, bptt)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def best_times(self, configs: list[tuple[int, int]], reps: int) -> dict[tuple[int, int], float]:
+        """Best wall time (s) of one step for each (loops, bptt), after one warm-up step each.
+
+        The repetitions are interleaved (round r times every configuration once), so a burst
+        of load from other processes costs each configuration one sample at most, instead of
+        every sample of whichever configuration happened to be running."""
+        for c in configs:
+            self.step(*c)
+        best = {c: float("inf") for c in configs}
+        for _ in range(reps):
+            for c in configs:
+                best[c] = min(best[c], self.timed_step(*c))
         return best
 
 
@@ -226,7 +231,7 @@ def trainer_throughput(mcfg, batch: int, seq: int, loops: int, bptt: int, device
                        reps: int) -> dict:
     """Tokens/s (batch * seq per step) of single-process training steps, best of `reps`."""
     tr = Trainer.build(mcfg, batch, seq, device)
-    step_s = tr.time_step(loops, bptt, reps)
+    step_s = tr.best_times([(loops, bptt)], reps)[(loops, bptt)]
     return {"step_s": step_s, "tokens_per_s": batch * seq / step_s}
 
 
@@ -242,9 +247,10 @@ def section_pipeline(args, device: torch.device) -> bool:
     print(f"   batch {batch} x seq_len {seq}; model {cfg.model.variant}: n_loops {mcfg.n_loops}, "
           f"bptt_depth {mcfg.bptt_depth}; shuffle_seed {cfg.data.shuffle_seed}, "
           f"cpus_per_task {cfg.data.cpus_per_task}")
+    # the trainer first: right after ray.shutdown() the dying Ray processes still use the cores
+    t = trainer_throughput(mcfg, batch, seq, mcfg.n_loops, mcfg.bptt_depth, device, args.reps)
     with local_ray(args.ray_cpus):
         passes = pipeline_throughput(cfg.data, batch, epochs=2)
-    t = trainer_throughput(mcfg, batch, seq, mcfg.n_loops, mcfg.bptt_depth, device, args.reps)
     for label, p in zip(("pass 1 (cold)", "pass 2 (warm)"), passes):
         print(f"   pipeline {label}: {p['rows']} rows = {p['tokens']:,} tokens in {p['total_s']:5.2f} s = "
               f"{p['tokens_per_s']:>10,.0f} tokens/s  (first batch after {p['first_batch_s']:.2f} s)")
@@ -260,25 +266,22 @@ def section_pipeline(args, device: torch.device) -> bool:
 # 2. Step time vs loop count
 # ---------------------------------------------------------------------------------------
 def step_times(mcfg, loops_list, bptt_fixed: int, batch: int, seq: int, device: torch.device,
-               reps: int, min_time: float = 1.0) -> dict[str, list[float]]:
-    """{"full": [s per step for each loop count], "fixed": [...]}: best of >= `reps`, one model for all.
-
-    A loop count <= bptt_fixed is full backprop either way: measured once, used in both rows."""
+               reps: int) -> dict[str, list[float]]:
+    """{"full": [s per step for each loop count], "fixed": [...]}: best of `reps` interleaved
+    repetitions, one model for all. A loop count <= bptt_fixed is full backprop either way:
+    measured once, used in both rows."""
     tr = Trainer.build(mcfg, batch, seq, device)
-    out: dict[str, list[float]] = {"full": [], "fixed": []}
-    for loops in loops_list:
-        full = tr.time_step(loops, loops, reps, min_time=min_time)
-        out["full"].append(full)
-        out["fixed"].append(full if loops <= bptt_fixed else
-                            tr.time_step(loops, bptt_fixed, reps, min_time=min_time))
-    return out
+    full = [(n, n) for n in loops_list]
+    fixed = [(n, min(bptt_fixed, n)) for n in loops_list]
+    best = tr.best_times(list(dict.fromkeys(full + fixed)), reps)
+    return {"full": [best[c] for c in full], "fixed": [best[c] for c in fixed]}
 
 
 def section_step_time(args, mcfg, device: torch.device) -> bool:
     loops_list, k = args.time_loops, args.bptt
     print(f"\n== 2. Step time vs loop count  (batch {args.batch} x seq {args.seq}, best of {args.reps}, "
           f"fwd + bwd + AdamW)")
-    res = step_times(mcfg, loops_list, k, args.batch, args.seq, device, args.reps, args.min_time)
+    res = step_times(mcfg, loops_list, k, args.batch, args.seq, device, args.reps)
     print(f"   {'loops':>5} | {'full bptt ms':>12} {'ms/loop':>8} | {f'bptt={k} ms':>12} {'ms/loop':>8}")
     for i, loops in enumerate(loops_list):
         f, x = res["full"][i] * 1e3, res["fixed"][i] * 1e3
@@ -446,9 +449,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="generated problems the pipeline produces (default: the config's data.n_docs)")
     ap.add_argument("--ray-cpus", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2), help="torch intra-op threads")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
-    ap.add_argument("--min-time", type=float, default=1.0,
-                    help="section 2: repeat a cheap step (up to 10 times) until this many seconds are spent")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (the best is kept)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--bptt", type=int, default=2, help="fixed backprop depth of sections 2 and 3")
@@ -461,7 +462,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
-        args.n_docs, args.reps, args.min_time = min(args.n_docs or 10000, 10000), min(args.reps, 2), 0.5
+        args.n_docs, args.reps = min(args.n_docs or 10000, 10000), min(args.reps, 2)
         args.time_loops, args.mem_loops = [1, 2, 4, 8], [2, 4, 8, 16]
     return args
 

@@ -185,8 +185,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         return float(all_reduce_mean(total / max(n_val, 1)))
 
+    report_evals = bool(config.get("report_evals"))  # also report (without a checkpoint) at eval steps
+
     def report(metrics: dict, save: bool) -> None:
         if not save:
+            ray.train.report(metrics)  # metrics only: e.g. validation loss for Tune's early stopping
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, model, opt, sched, state, rank)
@@ -267,7 +270,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"{metrics['grad_norm']:.2f}")
             last_metrics = {**last_metrics, **metrics, "step": state.step}
             window.update(loss=0.0, n=0, loops=0.0, flops=0.0, t0=time.perf_counter(), skipped=0)
-        report({**last_metrics, "step": state.step}, save=is_ckpt)
+        if is_ckpt or (report_evals and is_eval):
+            report({**last_metrics, "step": state.step}, save=is_ckpt)
 
     export_dir = config.get("export_dir")
     if export_dir:

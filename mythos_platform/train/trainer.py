@@ -60,8 +60,17 @@ def _find_mlflow_run(tracker: Tracker, name: str) -> str | None:
         return None
 
 
-def run_pretrain(cfg: PretrainConfig, fault: dict | None = None) -> PretrainResult:
-    """Train `cfg` on the current Ray cluster (starting a local one if needed)."""
+def run_pretrain(cfg: PretrainConfig, fault: dict | None = None, *, datasets: dict[str, Any] | None = None,
+                 callbacks: list | None = None, tags: dict[str, str] | None = None,
+                 report_evals: bool = False) -> PretrainResult:
+    """Train `cfg` on the current Ray cluster (starting a local one if needed).
+
+    For callers that drive many runs (the Tune sweep): `datasets` are prebuilt {"train", "val"}
+    Ray Datasets used instead of building them from `cfg.data`; `callbacks` go to Ray Train's
+    RunConfig (e.g. a Tune report callback); `tags` are added to a new MLflow run (e.g.
+    `mlflow.parentRunId`); `report_evals` makes the workers report metrics to Ray Train at every
+    evaluation step too, not only at checkpoint steps.
+    """
     name = _run_name(cfg)
     run_root = Path(cfg.run.root).resolve()
     run_root.mkdir(parents=True, exist_ok=True)
@@ -71,7 +80,10 @@ def run_pretrain(cfg: PretrainConfig, fault: dict | None = None) -> PretrainResu
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model_cfg = cfg.model.build()
-    train_ds, val_ds = build_datasets(cfg.data, tokenizer)
+    if datasets is None:
+        train_ds, val_ds = build_datasets(cfg.data, tokenizer)
+    else:
+        train_ds, val_ds = datasets["train"], datasets.get("val")
 
     tracker = Tracker(cfg.tracking, run_root)
     run_id = _find_mlflow_run(tracker, name)
@@ -83,18 +95,19 @@ def run_pretrain(cfg: PretrainConfig, fault: dict | None = None) -> PretrainResu
         except Exception as exc:
             log.warning("could not reopen MLflow run %s: %s", run_id, exc)
     else:
-        tags = {RUN_NAME_TAG: name, "mythos.job": "pretrain", "mythos.variant": cfg.model.variant,
+        run_tags = {RUN_NAME_TAG: name, "mythos.job": "pretrain", "mythos.variant": cfg.model.variant,
                 "mythos.attn": model_cfg.attn_type, "mythos.loops.mean": model_cfg.train_loops_mean,
                 "mythos.loops.distribution": model_cfg.loop_distribution,
-                "mythos.loops.bptt": model_cfg.bptt_depth, **git_tags(Path(__file__).resolve().parents[2])}
-        tracker.start(run_name=name, tags=tags)
+                "mythos.loops.bptt": model_cfg.bptt_depth, **git_tags(Path(__file__).resolve().parents[2]),
+                **(tags or {})}
+        tracker.start(run_name=name, tags=run_tags)
         tracker.log_params(cfg.to_dict())
         tracker.log_params({"model_resolved": model_cfg.to_dict()})
     tracker.log_dict(cfg.to_dict(), "config/pretrain.json")
 
-    datasets = {"train": train_ds}
+    train_datasets = {"train": train_ds}
     if val_ds is not None:
-        datasets["val"] = val_ds
+        train_datasets["val"] = val_ds
     sc = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -104,6 +117,7 @@ def run_pretrain(cfg: PretrainConfig, fault: dict | None = None) -> PretrainResu
             "mlflow_run_id": tracker.run_id,
             "export_dir": str(export_dir),
             "fault": fault,
+            "report_evals": report_evals,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=sc.worker_resources(),
@@ -113,8 +127,9 @@ def run_pretrain(cfg: PretrainConfig, fault: dict | None = None) -> PretrainResu
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=list(callbacks) if callbacks else None,
         ),
-        datasets=datasets,
+        datasets=train_datasets,
     )
     print(f"[mythos] training run '{name}' ({cfg.model.variant}, {sc.num_workers} workers, "
           f"{cfg.train.parallelism}){' — resuming' if resumed else ''}; checkpoints in {storage}/{name}", flush=True)
