@@ -1,0 +1,1 @@
+"""Local lm-eval task definitions (YAML) and the generator of their data (`build_data`)."""
