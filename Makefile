@@ -30,7 +30,12 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-.PHONY: pretrain
-# The main command: train the debug model on the generated multi-hop corpus (local Ray, SQLite MLflow).
+.PHONY: demo pretrain
+# The main command: the whole life cycle on the embedded defaults (local Ray, SQLite MLflow,
+# generated corpus): pretrain -> sweep -> evaluate -> serve the winner -> one request.
+demo: $(STAMP)
+	$(PY) jobs/pipeline.py --config jobs/configs/pipeline-debug.yaml $(ARGS)
+
+# Pretraining alone: the debug model on the generated multi-hop corpus.
 pretrain: $(STAMP)
 	$(PY) jobs/pretrain.py --config jobs/configs/debug.yaml $(ARGS)

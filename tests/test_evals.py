@@ -176,14 +176,6 @@ def test_job_rejects_unknown_model_before_starting_ray(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ Ray: the loop sweep
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, object_store_memory=300 * 1024**2, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray

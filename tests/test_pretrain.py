@@ -16,17 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, object_store_memory=400 * 1024**2, configure_logging=False)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def small_cfg(root: Path, **extra: str) -> PretrainConfig:

@@ -95,17 +95,6 @@ def test_sweep_job_rejects_bad_space_before_starting_ray():
 # ---------------------------------------------------------------------------------------
 # A real sweep on a local Ray cluster
 # ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, object_store_memory=400 * 1024**2, configure_logging=False)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
