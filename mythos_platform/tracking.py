@@ -100,6 +100,29 @@ def git_tags(path: str | os.PathLike = ".") -> dict[str, str]:
     return {"mlflow.source.git.commit": sha} if sha else {}
 
 
+def agg_figure(figsize: tuple[float, float] = (6, 4)):
+    """A matplotlib Figure on the non-interactive Agg backend (no display needed), and its axes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100)
+    return fig, fig.add_subplot()
+
+
+def save_figure(fig, path: str | os.PathLike, legend: bool = True) -> Path:
+    """Grid (and legend) on the first axes, then the PNG at `path` (parents created)."""
+    ax = fig.axes[0]
+    if legend:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]] | Sequence[Mapping[str, float]],
                    path: str | os.PathLike, title: str = "loss", log_y: bool = False) -> Path:
     """Plot series to a PNG and return its path.
@@ -107,11 +130,6 @@ def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]] | Sequence
     `history`: {name: [(step, value), ...]}, or rows [{"step": s, "train/loss": v, ...}, ...].
     Uses the non-interactive Agg backend (no display needed).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
     series: dict[str, list[tuple[int, float]]] = {}
     if isinstance(history, Mapping):
         series = {k: list(v) for k, v in history.items()}
@@ -120,8 +138,7 @@ def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]] | Sequence
             for k, v in row.items():
                 if k != "step" and v is not None:
                     series.setdefault(k, []).append((row["step"], float(v)))
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.add_subplot()
+    fig, ax = agg_figure()
     for name, points in sorted(series.items()):
         pts = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
         if pts:
@@ -130,13 +147,7 @@ def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]] | Sequence
     ax.set_title(title)
     if log_y:
         ax.set_yscale("log")
-    if series:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path, legend=bool(series))
 
 
 class Tracker:

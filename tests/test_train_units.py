@@ -97,3 +97,19 @@ def test_nonfinite_guard():
     assert not apply_update(False, "skip", 3, float("nan"), 1.0)
     with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 3.*train.nonfinite=skip"):
         apply_update(False, "stop", 3, float("inf"), 1.0)
+
+
+def test_deep_supervision_option_adds_the_per_loop_loss():
+    from types import SimpleNamespace
+
+    from mythos_platform.train.losses import per_loop_lm_loss
+    from mythos_platform.train.loop import _loss
+
+    model = Mythos(get_variant("debug", act_enabled=False)).train()
+    x = torch.randint(0, 256, (2, 9))
+    out = model(x[:, :-1], targets=x[:, 1:], n_loops=3, bptt_depth=2, return_loop_logits=True)
+    tcfg = SimpleNamespace(ponder_cost=0.0)
+    plain, deep = _loss(out, x[:, 1:], tcfg, False), _loss(out, x[:, 1:], tcfg, True)
+    assert torch.allclose(plain, out.loss + out.aux_loss)
+    expected = 0.5 * plain + 0.5 * per_loop_lm_loss(out.loop_logits, x[:, 1:], scheme="linear")
+    assert torch.allclose(deep, expected) and len(out.loop_logits) == 2

@@ -19,7 +19,6 @@ from typing import Any, Iterator
 
 import ray.train
 import torch
-import torch.nn.functional as F
 
 from mythos.loop_schedule import sample_loops
 from mythos.moe import load_imbalance
@@ -30,6 +29,7 @@ from ..config import PretrainConfig
 from ..perf import matmul_peak
 from ..tracking import Tracker
 from .checkpointing import TrainState, export_model, load_checkpoint, save_checkpoint
+from .losses import per_loop_lm_loss
 from .optim import build_optimizer, build_scheduler
 from .parallel import (
     all_reduce_mean,
@@ -120,11 +120,7 @@ def _loss(out, targets: torch.Tensor, tcfg, deep: bool) -> torch.Tensor:
         loss = loss + tcfg.ponder_cost * out.ponder_cost
     if deep and out.loop_logits:
         # deep supervision: every differentiated iteration predicts the targets, later ones weigh more
-        weights = torch.arange(1, len(out.loop_logits) + 1, dtype=torch.float32)
-        weights = weights / weights.sum()
-        per_loop = [F.cross_entropy(l.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-                    for l in out.loop_logits]
-        loss = 0.5 * loss + 0.5 * sum(w * l for w, l in zip(weights, per_loop))
+        loss = 0.5 * loss + 0.5 * per_loop_lm_loss(out.loop_logits, targets, scheme="linear")
     return loss
 
 

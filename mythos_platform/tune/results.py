@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..tracking import agg_figure, save_figure
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -39,13 +41,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str], metric: 
 def metric_plot(rows: Sequence[dict[str, Any]], x: str, group: str, metric: str, path: str | Path,
                 title: str = "") -> Path:
     """The best metric each trial reached against `x`, one line per `group` value; stopped trials hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.add_subplot()
+    fig, ax = agg_figure()
     groups: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
         if isinstance(row.get("best_metric"), float) and math.isfinite(row["best_metric"]):
@@ -65,10 +61,4 @@ def metric_plot(rows: Sequence[dict[str, Any]], x: str, group: str, metric: str,
     ax.set_xlabel(x.split(".")[-1] + " (loop depth)")
     ax.set_ylabel(f"best {metric} (hollow: stopped early)")
     ax.set_title(title or f"{metric} against loop depth")
-    if groups:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path, legend=bool(groups))
