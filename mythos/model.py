@@ -96,15 +96,20 @@ class Mythos(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids: torch.Tensor, start: int, n_loops: int) -> None:
-        if input_ids.dim() != 2:
+    def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, start: int,
+                      n_loops: int) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, S) and inputs_embeds (B, S, dim)")
+        if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.dim):
+            raise ValueError(f"inputs_embeds must be (batch, seq, dim={self.cfg.dim}), got shape "
+                             f"{tuple(inputs_embeds.shape)}")
+        seq = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if seq == 0:
             raise ValueError("input_ids is empty: need at least one token")
-        if start + input_ids.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence length {start + input_ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}"
-            )
+        if start + seq > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + seq} exceeds max_seq_len={self.cfg.max_seq_len}")
         if not isinstance(n_loops, int) or n_loops < 1:
             raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
 
@@ -122,8 +127,9 @@ class Mythos(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         *,
+        inputs_embeds: torch.Tensor | None = None,
         n_loops: int | None = None,
         bptt_depth: int | None = None,
         targets: torch.Tensor | None = None,
@@ -135,6 +141,9 @@ class Mythos(nn.Module):
         return_loop_logits: bool = False,
     ) -> MythosOutput:
         """input_ids (B, S) -> MythosOutput.
+
+        inputs_embeds: (B, S, dim) input vectors to use instead of tok_emb(input_ids), for inputs
+            with a structured embedding (the depth experiment's pair tokens); pass one of the two.
 
         n_loops: loop iterations (default cfg.n_loops; any count, also beyond training).
         bptt_depth: with autograd on, only the last bptt_depth iterations are differentiated
@@ -148,21 +157,21 @@ class Mythos(nn.Module):
         n_loops = cfg.n_loops if n_loops is None else n_loops
         if bptt_depth is None and self.training:
             bptt_depth = cfg.bptt_depth
-        B, S = input_ids.shape
         start = cache.length if cache is not None else 0
-        self._check_inputs(input_ids, start, n_loops)
+        self._check_inputs(input_ids, inputs_embeds, start, n_loops)
+        B, S = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if cache is not None and cache.length > 0 and not cache.share_loops and n_loops > (cache.n_loops or 0):
             raise CacheError(
                 f"n_loops={n_loops} but the cache was filled with {cache.n_loops} loops: the extra iterations "
                 "have no keys/values for earlier tokens. Decode with n_loops <= that, prefill again, or use "
                 "KVCache(share_loops=True)"
             )
-        device = input_ids.device
+        device = (input_ids if input_ids is not None else inputs_embeds).device
         if positions is None:
             positions = cache.positions(start, S, device) if cache is not None else \
                 torch.arange(S, device=device)[None, :].expand(B, S)
         mask = self._padding_mask(cache, start, S, device)
-        x = self.tok_emb(input_ids)
+        x = self.tok_emb(input_ids) if input_ids is not None else inputs_embeds
         rot = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
         rope = rope_angles(positions, rot, cfg.rope_theta)
 

@@ -136,3 +136,18 @@ def test_deep_supervision_returns_logits_per_differentiated_loop():
     out = model(x, n_loops=5, bptt_depth=3, return_loop_logits=True, collect_stats=True)
     assert len(out.loop_logits) == 3 and all(l.shape == out.logits.shape for l in out.loop_logits)
     assert len(out.state_norms) == 5
+
+
+def test_inputs_embeds_replace_the_token_embedding():
+    model = Mythos(get_variant("debug")).eval()
+    x = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        ref = model(x, n_loops=3).logits
+        out = model(inputs_embeds=model.tok_emb(x), n_loops=3).logits
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        model(x, inputs_embeds=model.tok_emb(x))
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        model(n_loops=2)
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, seq, dim=256\)"):
+        model(inputs_embeds=torch.zeros(2, 8, 7))

@@ -48,17 +48,25 @@ class DepthConfig(Section):
     eval_problems: int = 200
     """Problems per hop count (held-out seed)."""
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16])
-    pair_embedding_init: bool = True
-    """Initialise each pair token's embedding as (E[x] + Q E[f(x)]) / sqrt(2), Q a fixed random
-    rotation, so a pair token carries both of its symbols from the start (the pilot in
-    RESEARCH.md summed a source and a target embedding per position); training adjusts it."""
+    answer_at: Literal["start", "eq"] = "start"
+    """Where the answer is read: start = the start symbol comes last and answers (one attention
+    step per hop); eq = an EQ mark after the hop marks answers (the start symbol must be copied
+    there first). See data/multihop_tokens.py."""
+    pair_embedding: Literal["factored", "token"] = "factored"
+    """factored: pair (x, y) embeds as E[x] + T[y] (depth/pair_embedding.py); token: one free row
+    per pair, initialised as (E[x] + Q E[y]) / sqrt(2) with Q a fixed random rotation."""
+    curriculum_steps: int = 0
+    """> 0: training starts on 1-hop problems and admits one more hop count once the last 50 steps'
+    training accuracy reaches curriculum_accuracy, or at the latest after this many steps at a
+    level (depth/curriculum.py); 0 draws from 1..train_max_hops from the first step."""
+    curriculum_accuracy: float = 0.9
     baseline: bool = True
     threads_per_model: int = 1
     """torch threads of each training task (the RDT and the baseline train side by side)."""
 
     @property
     def token_format(self) -> PairTokenFormat:
-        return PairTokenFormat(self.n_symbols)
+        return PairTokenFormat(self.n_symbols, self.answer_at)
 
     def check(self, path: str) -> None:
         self.need(2 <= self.n_symbols <= 52, _join(path, "n_symbols"), "must be in 2..52", self.n_symbols)
@@ -67,6 +75,9 @@ class DepthConfig(Section):
                   f"must be >= train_max_hops={self.train_max_hops}", self.eval_max_hops)
         self.need(self.loop_max >= self.train_max_hops, _join(path, "loop_max"),
                   f"must be >= train_max_hops={self.train_max_hops}", self.loop_max)
+        self.need(self.curriculum_steps >= 0, _join(path, "curriculum_steps"), "must be >= 0", self.curriculum_steps)
+        self.need(0.0 < self.curriculum_accuracy <= 1.0, _join(path, "curriculum_accuracy"), "must be in (0, 1]",
+                  self.curriculum_accuracy)
         for name in ("steps", "batch_size", "eval_problems", "log_every", "threads_per_model"):
             self.need(getattr(self, name) >= 1, _join(path, name), "must be >= 1", getattr(self, name))
         self.need(self.lr > 0, _join(path, "lr"), "must be > 0", self.lr)

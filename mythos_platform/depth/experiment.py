@@ -18,7 +18,7 @@ from mythos.checkpoint import save_pretrained
 from ..ray_env import init_ray
 from ..tracking import Tracker, git_tags
 from .config import DepthConfig
-from .train import start_symbol_floor, train_and_evaluate
+from .train import shallow_floor, train_and_evaluate
 
 
 @dataclass
@@ -28,7 +28,7 @@ class DepthResult:
     baseline: dict[int, float]
     """Baseline accuracy per hops."""
     floor: dict[int, float]
-    """Accuracy of answering the start symbol, per hops."""
+    """Per hops: the best accuracy of a fixed answer f^j(start), j < hops and j <= N (train.shallow_floor)."""
     table_md: str
     plot_path: Path
     run_id: str | None
@@ -42,18 +42,20 @@ def _grid(raw: dict[str, float]) -> dict[tuple[int, int], float]:
 
 
 def results_table(cfg: DepthConfig, grid, baseline, floor) -> tuple[str, str]:
-    """(markdown, csv): one row per hop count, one column per RDT loop count, then the baseline."""
+    """(markdown, csv): one row per hop count, one column per RDT loop count, the RDT run at as many
+    loops as the problem has hop marks, then the baseline."""
     loops = sorted({n for _, n in grid})
-    head = ["hops", *[f"RDT {n} loops" for n in loops], "baseline", "start-symbol floor"]
+    head = ["hops", *[f"RDT {n} loops" for n in loops], "RDT loops = hops", "baseline", "shallow floor"]
     rows = []
     for h in range(1, cfg.eval_max_hops + 1):
         trained = "*" if h <= cfg.train_max_hops else ""
-        rows.append([f"{h}{trained}", *[f"{grid[(h, n)]:.2f}" for n in loops],
+        rows.append([f"{h}{trained}", *[f"{grid[(h, n)]:.2f}" for n in loops], f"{grid[(h, h)]:.2f}",
                      f"{baseline[h]:.2f}" if baseline else "-", f"{floor[h]:.2f}"])
     md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
     md += f"\n`*` hop counts seen in training (1..{cfg.train_max_hops}); chance = 1/{cfg.n_symbols} = " \
-          f"{1 / cfg.n_symbols:.3f}.\n"
+          f"{1 / cfg.n_symbols:.3f}; shallow floor = the best accuracy of answering f^j(start) for one fixed " \
+          f"j < hops, j <= {cfg.train_max_hops} (what a model that stops short scores, through cycles).\n"
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(head)
@@ -75,9 +77,11 @@ def plot(cfg: DepthConfig, grid, baseline, floor, path: Path) -> Path:
     for i, n in enumerate(loops):
         ax.plot(hops, [grid[(h, n)] for h in hops], marker="o", color=cmap(i / max(1, len(loops) - 1)),
                 label=f"RDT, {n} loops")
+    ax.plot(hops, [grid[(h, h)] for h in hops], color="crimson", linewidth=2.5, marker="D",
+            label="RDT, loops = hops")
     if baseline:
         ax.plot(hops, [baseline[h] for h in hops], "k--", marker="s", label="baseline (no loop, same params)")
-    ax.plot(hops, [floor[h] for h in hops], ":", color="grey", label="answer = start symbol")
+    ax.plot(hops, [floor[h] for h in hops], ":", color="grey", label=f"shallow floor (best f^j, j <= {cfg.train_max_hops})")
     ax.axvspan(0.5, cfg.train_max_hops + 0.5, color="0.92", zorder=0, label="trained hop counts")
     ax.set_xlabel("hops")
     ax.set_ylabel("accuracy")
@@ -115,7 +119,7 @@ def run_depth_experiment(cfg: DepthConfig) -> DepthResult:
     base = results[1] if cfg.baseline else None
     grid = _grid(rdt["grid"])
     baseline = {h: a for (h, _), a in _grid(base["grid"]).items()} if base else {}
-    floor = start_symbol_floor(cfg)
+    floor = shallow_floor(cfg)
     md, csv_text = results_table(cfg, grid, baseline, floor)
     plot_path = plot(cfg, grid, baseline, floor, root / "depth_extrapolation.png")
     (root / "depth_extrapolation.md").write_text(md)
@@ -134,6 +138,8 @@ def run_depth_experiment(cfg: DepthConfig) -> DepthResult:
         for rec in r["history"]:
             tracker.log_metrics({f"{r['name']}_loss": rec["loss"], f"{r['name']}_train_acc": rec["train_acc"]},
                                 step=rec["step"])
+        for step, top in [(0, 1 if cfg.curriculum_steps > 0 else cfg.train_max_hops), *r["curriculum"]]:
+            tracker.log_metrics({f"{r['name']}_max_train_hops": top}, step=step)
         tracker.log_metrics({f"{r['name']}_train_seconds": r["train_seconds"]}, step=cfg.steps)
         tracker.log_artifact(str(_export(r, root / "models" / r["name"])), artifact_path=f"models/{r['name']}")
     tracker.log_artifact(str(plot_path), artifact_path="plots")
