@@ -98,6 +98,10 @@ class MythosConfig:
     """Rank of the depth-wise LoRA delta (0 disables it)."""
     injection_init_decay: float = 0.5
     """Initial value of A (the state decay) in h' = A h + B e + block(...); in (0, 1)."""
+    input_gain_init: float = 1.0
+    """Initial gain of e_norm, the RMSNorm whose output e is injected at every loop. Below 1 the
+    injected input starts small next to the block's updates, so what the loop writes into the
+    state is not drowned by e (RMS 1 per channel at gain 1, against updates of ~0.02 at init)."""
     state_init: str = "zeros"
     """Initial recurrent state: zeros | noise (Huginn-style random state)."""
 
@@ -161,6 +165,7 @@ class MythosConfig:
         need(self.loop_emb_dim % 2 == 0 and 0 <= self.loop_emb_dim <= self.dim, "loop_emb_dim",
              f"must be even and in 0..dim={self.dim}")
         need(0.0 < self.injection_init_decay < 1.0, "injection_init_decay", "must be in (0, 1)")
+        need(self.input_gain_init > 0.0, "input_gain_init", "must be > 0")
         need(self.state_init in ("zeros", "noise"), "state_init", "allowed: zeros, noise")
         need(self.loop_distribution in LOOP_DISTRIBUTIONS, "loop_distribution",
              f"allowed: {', '.join(LOOP_DISTRIBUTIONS)}")

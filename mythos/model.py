@@ -79,7 +79,7 @@ class Mythos(nn.Module):
         for block in (*self.prelude, *self.coda):
             block.init_weights(std, out_std)
         self.core.init_weights(std, out_std)
-        self.e_norm.init_weights()
+        self.e_norm.init_weights(cfg.input_gain_init)
         self.norm.init_weights()
 
     def moe_layers(self) -> list[MoE]:

@@ -106,7 +106,14 @@ def test_schedule_curriculum_and_baseline_shape():
     assert {step_plan(cfg, s, looped=True, top=2)[1] for s in range(50)} == {1, 2}
     assert step_plan(cfg, 3, looped=False, top=2) == ([1, 2], 1)  # the baseline follows its curriculum too
     base, rdt = model_config(cfg, False), model_config(cfg, True)
-    assert base.n_loops == 1 and base.dim == rdt.dim and base.n_layers_total == rdt.n_layers_total
+    assert base.n_loops == 1 and (base.dim, base.core_layers) == (64, 4) and (rdt.dim, rdt.core_layers) == (128, 1)
+    n_base, n_rdt = (sum(p.numel() for p in Mythos(c).parameters()) for c in (base, rdt))
+    assert abs(n_base / n_rdt - 1) < 0.1  # parameter-matched within 10%
+    same = load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["baseline_overrides={}"], cls=DepthConfig)
+    assert model_config(same, False) == model_config(same, True).replace(
+        n_loops=1, train_loops_min=1, train_loops_mean=1.0, loop_distribution="fixed")  # empty: the RDT's blocks once
+    with pytest.raises(ConfigError, match="baseline_overrides.*n_head"):
+        load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["baseline_overrides={n_headz: 3}"], cls=DepthConfig)
     with pytest.raises(ConfigError, match="eval_max_hops"):
         load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["eval_max_hops=2"], cls=DepthConfig)
     with pytest.raises(ConfigError, match="model.overrides.vocab_size"):

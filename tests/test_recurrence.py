@@ -151,3 +151,13 @@ def test_inputs_embeds_replace_the_token_embedding():
         model(n_loops=2)
     with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, seq, dim=256\)"):
         model(inputs_embeds=torch.zeros(2, 8, 7))
+
+
+def test_input_gain_init_scales_the_injected_input():
+    cfg = get_variant("debug").replace(input_gain_init=0.1)
+    model = Mythos(cfg)
+    assert torch.allclose(model.e_norm.weight, torch.full_like(model.e_norm.weight, 0.1))
+    x = torch.randn(2, 5, cfg.dim)
+    assert model.e_norm(x).pow(2).mean().sqrt().item() == pytest.approx(0.1, rel=1e-3)
+    with pytest.raises(Exception, match="input_gain_init"):
+        get_variant("debug").replace(input_gain_init=0.0)

@@ -86,8 +86,8 @@ def plot(cfg: DepthConfig, grid, baseline, floor, path: Path) -> Path:
     ax.set_xlabel("hops")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Depth extrapolation: trained on <= {cfg.train_max_hops} hops ({cfg.schedule} schedule, "
-                 f"{cfg.supervision} loss)")
+    ax.set_title(f"Depth extrapolation: trained on <= {cfg.train_max_hops} hops\n({cfg.schedule} schedule, "
+                 f"{cfg.supervision} loss, {cfg.steps} steps)", fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,11 @@ EVAL_SEED_OFFSET = 10_000  # evaluation problems come from seeds never used in t
 
 
 def model_config(cfg: DepthConfig, looped: bool) -> MythosConfig:
-    """The RDT, or the parameter-matched baseline: the same blocks run once (no loop)."""
-    mcfg = cfg.model.build()
+    """The RDT, or the parameter-matched baseline: its blocks (the RDT's, or those that
+    baseline_overrides describe) run once, no loop."""
     if looped:
-        return mcfg
-    return mcfg.replace(n_loops=1, train_loops_min=1, train_loops_mean=1.0, loop_distribution="fixed")
+        return cfg.model.build()
+    return cfg.baseline_model().build().replace(n_loops=1, train_loops_min=1, train_loops_mean=1.0, loop_distribution="fixed")
 
 
 def step_plan(cfg: DepthConfig, step: int, looped: bool, top: int | None = None) -> tuple[list[int], int]:
