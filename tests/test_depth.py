@@ -113,7 +113,8 @@ def test_schedule_curriculum_and_baseline_shape():
     assert model_config(same, False) == model_config(same, True).replace(
         n_loops=1, train_loops_min=1, train_loops_mean=1.0, loop_distribution="fixed")  # empty: the RDT's blocks once
     with pytest.raises(ConfigError, match="baseline_overrides.*n_head"):
-        load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["baseline_overrides={n_headz: 3}"], cls=DepthConfig)
+        load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["baseline_overrides={n_headz: 3}"],
+                    cls=DepthConfig)
     with pytest.raises(ConfigError, match="eval_max_hops"):
         load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["eval_max_hops=2"], cls=DepthConfig)
     with pytest.raises(ConfigError, match="model.overrides.vocab_size"):

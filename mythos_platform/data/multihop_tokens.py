@@ -87,7 +87,8 @@ class PairTokenFormat:
         return pairs + [self.hop_id] * p.hops + [self.symbol(p.start)]
 
     def batch(self, problems: Sequence[Problem], n_loops: int, max_hops: int | None = None) -> dict[str, torch.Tensor]:
-        """Right-padded (B, L) input_ids, the answering (last) position, the answer and (B, n_loops) per-loop targets."""
+        """Right-padded (B, L) input_ids, the answering (last) position, the answer and (B, n_loops)
+        per-loop targets."""
         seqs = [self.encode(p) for p in problems]
         L = self.max_len(max_hops) if max_hops is not None else max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)

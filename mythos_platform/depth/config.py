@@ -101,7 +101,8 @@ class DepthConfig(Section):
             try:
                 self.baseline_model().build()
             except ConfigError as exc:
-                raise ConfigError(_join(path, "baseline_overrides"), f"gives an invalid baseline model: {exc}") from None
+                raise ConfigError(_join(path, "baseline_overrides"),
+                                  f"gives an invalid baseline model: {exc}") from None
         fmt = self.token_format
         self.need(model.vocab_size >= fmt.vocab_size, _join(path, "model.overrides.vocab_size"),
                   f"must be >= {fmt.vocab_size} for {self.n_symbols} symbols", model.vocab_size)

@@ -81,7 +81,8 @@ def plot(cfg: DepthConfig, grid, baseline, floor, path: Path) -> Path:
             label="RDT, loops = hops")
     if baseline:
         ax.plot(hops, [baseline[h] for h in hops], "k--", marker="s", label="baseline (no loop, same params)")
-    ax.plot(hops, [floor[h] for h in hops], ":", color="grey", label=f"shallow floor (best f^j, j <= {cfg.train_max_hops})")
+    ax.plot(hops, [floor[h] for h in hops], ":", color="grey",
+            label=f"shallow floor (best f^j, j <= {cfg.train_max_hops})")
     ax.axvspan(0.5, cfg.train_max_hops + 0.5, color="0.92", zorder=0, label="trained hop counts")
     ax.set_xlabel("hops")
     ax.set_ylabel("accuracy")

@@ -27,7 +27,8 @@ def model_config(cfg: DepthConfig, looped: bool) -> MythosConfig:
     baseline_overrides describe) run once, no loop."""
     if looped:
         return cfg.model.build()
-    return cfg.baseline_model().build().replace(n_loops=1, train_loops_min=1, train_loops_mean=1.0, loop_distribution="fixed")
+    return cfg.baseline_model().build().replace(n_loops=1, train_loops_min=1, train_loops_mean=1.0,
+                                                loop_distribution="fixed")
 
 
 def step_plan(cfg: DepthConfig, step: int, looped: bool, top: int | None = None) -> tuple[list[int], int]:
