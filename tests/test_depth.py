@@ -137,13 +137,13 @@ def test_tiny_experiment_fills_every_cell(tmp_path):
         ray.shutdown()
     assert set(res.grid) == {(h, n) for h in range(1, 5) for n in (1, 2, 3, 4, 8)}
     assert set(res.baseline) == {1, 2, 3, 4} and set(res.floor) == {1, 2, 3, 4}
-    assert res.params["rdt"] == res.params["baseline"]  # parameter-matched
+    assert abs(res.params["baseline"] / res.params["rdt"] - 1) < 0.1  # parameter-matched within 10%
     assert res.plot_path.exists() and res.plot_path.stat().st_size > 10_000
     assert "| 4 |" in res.table_md and "RDT 8 loops" in res.table_md and "RDT loops = hops" in res.table_md
     assert (3, 3) in res.grid and (4, 4) in res.grid  # loops = hops is always evaluated
     client = MlflowClient(res.tracking_uri)
     hist = client.get_metric_history(res.run_id, "rdt_acc_hops_3")
-    assert sorted(m.step for m in hist) == [1, 2, 8]
+    assert sorted(m.step for m in hist) == [1, 2, 3, 4, 8]
     assert client.get_metric_history(res.run_id, "baseline_loss")
     curriculum = sorted(client.get_metric_history(res.run_id, "rdt_max_train_hops"), key=lambda m: m.step)
     assert curriculum[0].step == 0 and curriculum[0].value == 1  # the curriculum starts at one hop
