@@ -105,6 +105,13 @@ def test_schedule_curriculum_and_baseline_shape():
     assert step_plan(cfg, 3, looped=False) == ([1, 2, 3, 4], 1)
     assert {step_plan(cfg, s, looped=True, top=2)[1] for s in range(50)} == {1, 2}
     assert step_plan(cfg, 3, looped=False, top=2) == ([1, 2], 1)  # the baseline follows its curriculum too
+    mixed = load_config(ROOT / "jobs/configs/depth-extrapolation.yaml", ["schedule=mixed", "mixed_fraction=0.5"],
+                        cls=DepthConfig)
+    plans = [step_plan(mixed, s, looped=True) for s in range(200)]
+    hops_steps = [p for p in plans if len(p[0]) == 1]  # k-hop batch, k loops
+    random_steps = [p for p in plans if len(p[0]) > 1]  # all hop counts, 4..loop_max loops
+    assert all(h == [n] for h, n in hops_steps) and all(4 <= n <= mixed.loop_max for _, n in random_steps)
+    assert 60 <= len(random_steps) <= 140
     base, rdt = model_config(cfg, False), model_config(cfg, True)
     assert base.n_loops == 1 and (base.dim, base.core_layers) == (64, 4) and (rdt.dim, rdt.core_layers) == (128, 1)
     n_base, n_rdt = (sum(p.numel() for p in Mythos(c).parameters()) for c in (base, rdt))

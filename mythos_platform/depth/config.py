@@ -35,9 +35,12 @@ class DepthConfig(Section):
     """N: training problems have 1..N hops."""
     eval_max_hops: int = 8
     """Evaluation covers hops 1..eval_max_hops (2N by default)."""
-    schedule: Literal["hops", "random"] = "hops"
+    schedule: Literal["hops", "random", "mixed"] = "hops"
     """hops: each step draws k in 1..N and runs k loops on k-hop problems; random: mixed hops,
-    loops drawn uniformly in [N, loop_max] with targets f^min(t,k) (the state should stop moving)."""
+    loops drawn uniformly in [N, loop_max] with targets f^min(t,k) (the state should stop moving);
+    mixed: each step is a random-schedule step with probability mixed_fraction, else a hops step."""
+    mixed_fraction: float = 0.5
+    """Share of random-schedule steps under schedule=mixed."""
     loop_max: int = 8
     """Largest training loop count (random schedule)."""
     supervision: Literal["per_loop", "final"] = "per_loop"
@@ -88,6 +91,8 @@ class DepthConfig(Section):
                   f"must be >= train_max_hops={self.train_max_hops}", self.eval_max_hops)
         self.need(self.loop_max >= self.train_max_hops, _join(path, "loop_max"),
                   f"must be >= train_max_hops={self.train_max_hops}", self.loop_max)
+        self.need(0.0 <= self.mixed_fraction <= 1.0, _join(path, "mixed_fraction"), "must be in [0, 1]",
+                  self.mixed_fraction)
         self.need(self.curriculum_steps >= 0, _join(path, "curriculum_steps"), "must be >= 0", self.curriculum_steps)
         self.need(0.0 < self.curriculum_accuracy <= 1.0, _join(path, "curriculum_accuracy"), "must be in (0, 1]",
                   self.curriculum_accuracy)

@@ -39,7 +39,9 @@ def step_plan(cfg: DepthConfig, step: int, looped: bool, top: int | None = None)
     all_hops = list(range(1, top + 1))
     if not looped:
         return all_hops, 1
-    if cfg.schedule == "hops":
+    hops_step = cfg.schedule == "hops" or (
+        cfg.schedule == "mixed" and float(torch.rand((), generator=g)) >= cfg.mixed_fraction)
+    if hops_step:
         k = int(torch.randint(1, top + 1, (1,), generator=g))
         return [k], k
     return all_hops, int(torch.randint(top, cfg.loop_max + 1, (1,), generator=g))
