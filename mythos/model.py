@@ -159,14 +159,15 @@ class Mythos(nn.Module):
             bptt_depth = cfg.bptt_depth
         start = cache.length if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, start, n_loops)
-        B, S = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        given = input_ids if input_ids is not None else inputs_embeds
+        B, S = given.shape[:2]
         if cache is not None and cache.length > 0 and not cache.share_loops and n_loops > (cache.n_loops or 0):
             raise CacheError(
                 f"n_loops={n_loops} but the cache was filled with {cache.n_loops} loops: the extra iterations "
                 "have no keys/values for earlier tokens. Decode with n_loops <= that, prefill again, or use "
                 "KVCache(share_loops=True)"
             )
-        device = (input_ids if input_ids is not None else inputs_embeds).device
+        device = given.device
         if positions is None:
             positions = cache.positions(start, S, device) if cache is not None else \
                 torch.arange(S, device=device)[None, :].expand(B, S)

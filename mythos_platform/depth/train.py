@@ -79,6 +79,11 @@ def _loss(model: Mythos, pair_emb: PairEmbedding | None, batch: dict[str, torch.
     return loss + out.aux_loss, acc
 
 
+def held_out_problems(cfg: DepthConfig, hops: int):
+    """The evaluation problems of one hop count (seeds never used in training)."""
+    return generate_problems(cfg.eval_problems, hops, seed=cfg.seed + EVAL_SEED_OFFSET + hops, n_symbols=cfg.n_symbols)
+
+
 @torch.no_grad()
 def evaluate(model: Mythos, cfg: DepthConfig, loops: list[int]) -> dict[tuple[int, int], float]:
     """Accuracy of the final answer for every (hops, loops) cell, on held-out problems."""
@@ -86,8 +91,7 @@ def evaluate(model: Mythos, cfg: DepthConfig, loops: list[int]) -> dict[tuple[in
     model.eval()
     out: dict[tuple[int, int], float] = {}
     for hops in range(1, cfg.eval_max_hops + 1):
-        problems = generate_problems(cfg.eval_problems, hops, seed=cfg.seed + EVAL_SEED_OFFSET + hops,
-                                     n_symbols=cfg.n_symbols)
+        problems = held_out_problems(cfg, hops)
         batch = fmt.batch(problems, n_loops=1)
         for n in loops:
             pred = predict(model(batch["input_ids"], n_loops=n).logits, batch["answer_pos"], cfg.n_symbols)
@@ -109,8 +113,7 @@ def shallow_floor(cfg: DepthConfig) -> dict[int, float]:
     """
     floor = {}
     for hops in range(1, cfg.eval_max_hops + 1):
-        problems = generate_problems(cfg.eval_problems, hops, seed=cfg.seed + EVAL_SEED_OFFSET + hops,
-                                     n_symbols=cfg.n_symbols)
+        problems = held_out_problems(cfg, hops)
         orbits = [(p.start, *p.steps) for p in problems]  # orbit[j] = f^j(start)
         floor[hops] = max(sum(o[j] == o[hops] for o in orbits) / len(orbits)
                           for j in range(min(hops, cfg.train_max_hops + 1)))
