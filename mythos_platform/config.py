@@ -264,8 +264,10 @@ def from_dict(cls: type[S], data: dict[str, Any] | None, path: str = "") -> S:
 class DataConfig(Section):
     """Where training text comes from and how it becomes fixed-length token blocks."""
 
-    source: Literal["generated", "local", "fineweb"] = "generated"
-    """generated: multi-hop problems made here; local: files in `paths`; fineweb: FineWeb-Edu (streamed)."""
+    source: Literal["generated", "local", "fineweb", "pointer"] = "generated"
+    """generated: multi-hop problems as byte text (an LM corpus); local: files in `paths`; fineweb:
+    FineWeb-Edu (streamed); pointer: the reasoning corpus, one pointer-chasing problem per row with
+    per-loop labels and its own word-level tokenizer (data/pointer.py)."""
     paths: list[str] = field(default_factory=list)
     """local: file globs (parquet / jsonl / json / txt). fineweb: optional local parquet files
     with FineWeb-Edu's columns, used instead of the hub (offline runs and tests)."""
@@ -283,7 +285,8 @@ class DataConfig(Section):
     """Keep documents with `score_column >= min_score` (FineWeb-Edu educational score, 0..5); null keeps all."""
     score_column: str = "score"
     tokenizer: str = "byte"
-    """'byte', a tokenizer.json path, or a Hugging Face hub name (e.g. 'gpt2')."""
+    """'byte', a tokenizer.json path, a Hugging Face hub name (e.g. 'gpt2'), or 'pointer' (source
+    pointer's word-level tokenizer, built from n_symbols)."""
     seq_len: int = 256
     """Model input length; each row holds seq_len + 1 tokens (inputs and shifted targets)."""
     val_fraction: float = 0.01
@@ -296,16 +299,31 @@ class DataConfig(Section):
     """Seed of the training shuffle (blocks for generated/local, file order for fineweb); null: no shuffle."""
     # --- generated corpus ---------------------------------------------------------------
     n_docs: int = 20000
-    """generated: training problems."""
+    """generated, pointer: training problems."""
     val_docs: int = 1000
-    """generated: validation problems (drawn with a different seed stream)."""
+    """generated, pointer: validation problems (drawn with a different seed stream)."""
     min_hops: int = 1
     max_hops: int = 4
-    """generated: training hop counts are drawn uniformly from min_hops..max_hops."""
+    """generated, pointer: training hop counts are drawn uniformly from min_hops..max_hops."""
     n_symbols: int = 16
-    """generated: size of the symbol alphabet of the random function (2..52)."""
+    """generated, pointer: size of the symbol alphabet of the random function (2..52)."""
     seed: int = 0
-    """generated: corpus seed; validation uses the stream `seed` with split tag 1."""
+    """generated, pointer: corpus seed; validation uses the stream `seed` with split tag 1."""
+    # --- pointer corpus ---------------------------------------------------------------------
+    hop_marks: bool = True
+    """pointer: write the hop count k as k marks before the pairs."""
+    loop_labels: Literal["trajectory", "hold"] = "trajectory"
+    """pointer: per-loop labels; trajectory: after loop t the t-hop answer f^t(start) (every row
+    trains the whole chain); hold: f^min(t, k)(start), hop until k and then stay."""
+    label_loops: int | None = None
+    """pointer: per-loop labels per training row (chains are followed this far); null: max_hops."""
+    val_hops: int | None = None
+    """pointer: hop count of the validation problems, deeper than training to measure extrapolation
+    (their labels run to val_hops loops); null: 2 * max_hops."""
+    pair_embedding: Literal["factored", "token"] = "token"
+    """pointer: token: one free embedding row per pair word; factored: a pair word "xy" embeds as
+    E[x] + T[y] (train/pair_embedding.py), merged into plain rows at export. Under the trajectory
+    schedule both learn (docs/depth.md); factored needs an untied head."""
     # --- execution on small machines -------------------------------------------------------
     cpus_per_task: float = 0.25
     """CPUs each read / tokenize task asks for; fractional so data tasks fit beside train workers."""
@@ -330,10 +348,47 @@ class DataConfig(Section):
         self.need(self.max_hops >= self.min_hops, p("max_hops"), f"must be >= min_hops={self.min_hops}",
                   self.max_hops)
         self.need(2 <= self.n_symbols <= 52, p("n_symbols"), "must be in 2..52", self.n_symbols)
+        self.need(self.label_loops is None or self.label_loops >= 1, p("label_loops"), "must be >= 1 or null",
+                  self.label_loops)
+        self.need(self.val_hops is None or self.val_hops >= 1, p("val_hops"), "must be >= 1 or null", self.val_hops)
+        self.need((self.source == "pointer") == (self.tokenizer == "pointer"), p("tokenizer"),
+                  "source 'pointer' brings its own word-level tokenizer: set data.tokenizer=pointer with it "
+                  "(and only with it)", self.tokenizer)
+        if self.source == "pointer":
+            self.need(self.resolved_val_hops >= 1, p("val_hops"), "must be >= 1", self.val_hops)
         self.need(0.0 < self.cpus_per_task, p("cpus_per_task"), "must be > 0", self.cpus_per_task)
         self.need(self.docs_per_batch >= 1, p("docs_per_batch"), "must be >= 1", self.docs_per_batch)
         self.need(bool(self.tokenizer), p("tokenizer"), "must name 'byte', a tokenizer.json or a hub name")
         self.need(bool(self.text_column), p("text_column"), "must be a column name")
+
+    @property
+    def row_len(self) -> int:
+        """Model input tokens per training row: seq_len, or a pointer problem's prompt length."""
+        return self.pointer_format().prompt_len(self.max_hops) if self.source == "pointer" else self.seq_len
+
+    @property
+    def resolved_label_loops(self) -> int:
+        return self.label_loops if self.label_loops is not None else self.max_hops
+
+    @property
+    def resolved_val_hops(self) -> int:
+        return self.val_hops if self.val_hops is not None else 2 * self.max_hops
+
+    def pointer_format(self):
+        """The reasoning corpus's text format (source pointer)."""
+        from .data.pointer import PointerFormat
+
+        return PointerFormat(self.n_symbols, self.hop_marks)
+
+    def build_tokenizer(self):
+        """The tokenizer this data is encoded with (and that is saved beside the model)."""
+        if self.tokenizer == "pointer":
+            from .data.pointer import pointer_tokenizer
+
+            return pointer_tokenizer(self.pointer_format())
+        from mythos.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer)
 
 
 @dataclass
@@ -430,7 +485,18 @@ class TrainConfig(Section):
     nonfinite: Literal["skip", "stop"] = "skip"
     """A non-finite loss or gradient: skip the step, or stop the run."""
     deep_supervision: bool = False
-    """A loss after every loop iteration instead of only the last (per-step targets where the data has them)."""
+    """Language modelling: a loss after every differentiated loop iteration too (all predict the next tokens)."""
+    loop_schedule: Literal["random", "trajectory"] = "random"
+    """random: a loop count drawn per step from the model's loop distribution (the same on every
+    rank), truncated backprop; trajectory: every step runs as many loops as the data has per-loop
+    labels (source pointer: data.label_loops) and applies the loss after every loop, under autograd
+    (deep supervision of the whole chain)."""
+    loop_loss_weights: Literal["uniform", "linear"] = "uniform"
+    """trajectory: weights of the per-loop losses (linear: later loops weigh more)."""
+    init_from: str | None = None
+    """A model folder (config.json + model.safetensors) to start from instead of a random
+    initialisation; parameters the folder lacks (e.g. a depth-wise LoRA added by a sweep) keep
+    their initial values."""
 
     def check(self, path: str) -> None:
         p = lambda name: _join(path, name)  # noqa: E731
@@ -543,11 +609,46 @@ class PretrainConfig(Section):
 
     def check(self, path: str) -> None:
         model = self.model.build(_join(path, "model"))
-        self.need(self.data.seq_len <= model.max_seq_len, _join(path, "data.seq_len"),
+        self.need(self.data.source == "pointer" or self.data.seq_len <= model.max_seq_len, _join(path, "data.seq_len"),
                   f"must be <= the model's max_seq_len={model.max_seq_len}", self.data.seq_len)
         if self.data.tokenizer == "byte":
             self.need(model.vocab_size >= 259, _join(path, "model.overrides.vocab_size"),
                       "must be >= 259 for the byte tokenizer", model.vocab_size)
+        if self.train.parallelism == "fsdp" and self.scaling.num_workers > 1:
+            self.need(not self.train.init_from, _join(path, "train.init_from"),
+                      "is not supported with train.parallelism=fsdp yet (use ddp)", self.train.init_from)
+            self.need(self.data.source != "pointer" or self.data.pair_embedding != "factored",
+                      _join(path, "data.pair_embedding"), "factored is not supported with train.parallelism=fsdp "
+                      "yet (use ddp, or pair_embedding=token)", self.data.pair_embedding)
+        if self.train.init_from:
+            self.need(Path(self.train.init_from, "model.safetensors").is_file(), _join(path, "train.init_from"),
+                      "is not a model folder (config.json + model.safetensors)", self.train.init_from)
+        if self.data.source == "pointer":
+            self._check_pointer(path, model)
+        else:
+            self.need(self.train.loop_schedule != "trajectory", _join(path, "train.loop_schedule"),
+                      "trajectory needs per-loop labels from the data: use data.source=pointer, or 'random'",
+                      self.train.loop_schedule)
+
+    def _check_pointer(self, path: str, model: MythosConfig) -> None:
+        d, fmt = self.data, self.data.pointer_format()
+        self.need(model.vocab_size >= fmt.vocab_size, _join(path, "model.overrides.vocab_size"),
+                  f"must be >= {fmt.vocab_size} for {d.n_symbols} symbols", model.vocab_size)
+        for key, hops in (("max_hops", d.max_hops), ("val_hops", d.resolved_val_hops)):
+            self.need(fmt.prompt_len(hops) <= model.max_seq_len, _join(path, f"data.{key}"),
+                      f"a {hops}-hop problem is {fmt.prompt_len(hops)} tokens, more than the model's "
+                      f"max_seq_len={model.max_seq_len} (raise model.overrides.max_seq_len)", hops)
+        if self.train.loop_schedule == "trajectory":
+            loops = d.resolved_label_loops
+            self.need(loops >= d.max_hops, _join(path, "data.label_loops"), f"must be >= max_hops={d.max_hops}: a trajectory "
+                      "runs at least as many loops as the longest training chain", d.label_loops)
+            self.need(model.train_loops_max >= loops, _join(path, "model.overrides.train_loops_max"),
+                      f"must be >= the {loops} loops a trajectory step runs (data.label_loops, default max_hops)",
+                      model.train_loops_max)
+        if d.pair_embedding == "factored":
+            self.need(not model.tie_embeddings, _join(path, "model.overrides.tie_embeddings"),
+                      "must be false with data.pair_embedding=factored (the head would be trained on the "
+                      "unfactored rows)", model.tie_embeddings)
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ and uses `x = ids[:, :-1]`, `y = ids[:, 1:]` (cast to int64 for the embedding).
   (chunk c holds problems c*B .. c*B+B-1), so the blocks do not depend on how Ray
   partitions the work: the same seed gives the same blocks on any cluster. Validation
   uses the problems of seed stream 1 (`val_docs` of them), training stream 0.
+- pointer: the reasoning corpus (data/pointer.py), one problem per row, no packing: rows are
+  {"input_ids": int32[L + 1], "labels": int32[L], "loop_labels": int32[T, L]} with the answer
+  label at the last position. Training problems (stream 0) have min_hops..max_hops hops and
+  T = label_loops per-loop labels; validation problems (stream 1, `val_docs`) have val_hops
+  hops, deeper than training, and labels for every loop up to val_hops.
 - local / fineweb: documents are split by a hash of their text (`val_fraction`); each
   tokenize batch of `docs_per_batch` documents is packed on its own (tail dropped).
 
@@ -28,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mythos_platform.data import multihop
+from mythos_platform.data import multihop, pointer
 from mythos_platform.data.packing import pack_documents, encode_documents, tokenize_and_pack
 from mythos_platform.data.sources import read_fineweb, read_local
 
@@ -70,6 +75,33 @@ def _generated(cfg: "DataConfig", tokenizer: Any, n_docs: int, stream: int) -> "
     )
 
 
+def pointer_rows(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: int, hops: list[int], chain: int,
+                 labels: str, seed: int, n_symbols: int, hop_marks: bool, stream: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: {"chunk": chunk ids} -> the rows of those chunks' problems (source pointer)."""
+    fmt = pointer.PointerFormat(n_symbols, hop_marks)
+    length = fmt.prompt_len(max(hops))
+    out = []
+    for c in batch["chunk"]:
+        start = int(c) * docs_per_chunk
+        n = min(docs_per_chunk, n_docs - start)
+        probs = pointer.problems(n, hops, chain, seed, n_symbols, stream, start_index=start)
+        out.append(fmt.rows(probs, chain, labels, length=length))  # type: ignore[arg-type]
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def _pointer(cfg: "DataConfig", n_docs: int, stream: int, hops: list[int], chain: int) -> "ray.data.Dataset":
+    import ray.data
+
+    n_chunks = -(-n_docs // cfg.docs_per_batch)
+    chunks = ray.data.from_items([{"chunk": c} for c in range(n_chunks)])
+    return chunks.map_batches(
+        pointer_rows, batch_format="numpy", batch_size=1, num_cpus=cfg.cpus_per_task,
+        fn_kwargs={"n_docs": n_docs, "docs_per_chunk": cfg.docs_per_batch, "hops": hops, "chain": chain,
+                   "labels": cfg.loop_labels, "seed": cfg.seed, "n_symbols": cfg.n_symbols,
+                   "hop_marks": cfg.hop_marks, "stream": stream},
+    )
+
+
 def _packed(docs: "ray.data.Dataset", cfg: "DataConfig", tokenizer: Any) -> "ray.data.Dataset":
     return docs.map_batches(
         tokenize_and_pack, batch_format="numpy", batch_size=cfg.docs_per_batch, num_cpus=cfg.cpus_per_task,
@@ -83,7 +115,12 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any) -> tuple["ray.data.Dataset
     Needs Ray initialised (or initialises a local one, as Ray Data does). Reader errors
     such as an unreachable hub raise `DataSourceError` here, before any training starts.
     """
-    if cfg.source == "generated":
+    if cfg.source == "pointer":
+        train = _pointer(cfg, cfg.n_docs, TRAIN_STREAM, list(range(cfg.min_hops, cfg.max_hops + 1)),
+                         cfg.resolved_label_loops)
+        val_hops = cfg.resolved_val_hops
+        val = _pointer(cfg, cfg.val_docs, VAL_STREAM, [val_hops], val_hops) if cfg.val_docs > 0 else None
+    elif cfg.source == "generated":
         train = _generated(cfg, tokenizer, cfg.n_docs, TRAIN_STREAM)
         val = _generated(cfg, tokenizer, cfg.val_docs, VAL_STREAM) if cfg.val_docs > 0 else None
     else:

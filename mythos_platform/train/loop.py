@@ -20,16 +20,17 @@ from typing import Any, Iterator
 import ray.train
 import torch
 
-from mythos.loop_schedule import sample_loops
+from mythos.loop_schedule import LoopSample, sample_loops
+from mythos import Mythos
 from mythos.moe import load_imbalance
 from mythos.sizing import flops_per_token
-from mythos.tokenizer import load_tokenizer
 
 from ..config import PretrainConfig
 from ..perf import matmul_peak
 from ..tracking import Tracker
 from .checkpointing import TrainState, export_model, load_checkpoint, save_checkpoint
-from .losses import per_loop_lm_loss
+from .losses import per_loop_label_loss, per_loop_lm_loss
+from .pair_embedding import factor_pair_embedding, merge
 from .optim import build_optimizer, build_scheduler
 from .parallel import (
     all_reduce_mean,
@@ -57,8 +58,9 @@ def say(message: str) -> None:
     sys.__stdout__.flush()
 
 
-def batch_stream(shard, batch_size: int, state: TrainState) -> Iterator[torch.Tensor]:
-    """Endless (B, seq_len+1) int64 batches from this rank's shard, epoch after epoch.
+def batch_stream(shard, batch_size: int, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches {column: (B, ...) int64} from this rank's shard, epoch after epoch: "input_ids"
+    (B, seq_len+1) always, "labels" and "loop_labels" where the data has them (source pointer).
 
     Resuming skips the `state.data_batches` batches this rank already consumed in the current
     pass, so the data position is not rewound by a restart."""
@@ -70,7 +72,7 @@ def batch_stream(shard, batch_size: int, state: TrainState) -> Iterator[torch.Te
             if i < skip:
                 continue
             state.data_batches = i + 1
-            yield batch["input_ids"].long()
+            yield {k: v.long() for k, v in batch.items()}
         if seen == 0:
             raise RuntimeError(f"the training data shard has fewer than batch_size={batch_size} blocks: "
                                "add data or lower train.batch_size")
@@ -78,15 +80,25 @@ def batch_stream(shard, batch_size: int, state: TrainState) -> Iterator[torch.Te
         state.data_batches = 0
 
 
-def _val_batches(shard, batch_size: int, limit: int) -> list[torch.Tensor]:
+def _val_batches(shard, batch_size: int, limit: int) -> list[dict[str, torch.Tensor]]:
     if shard is None:
         return []
     out = []
     for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
-        out.append(batch["input_ids"].long())
+        out.append({k: v.long() for k, v in batch.items()})
         if len(out) >= limit:
             break
     return out
+
+
+def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor | None]:
+    """(inputs, targets, loop_labels): targets are the data's labels where it has them (answer-only
+    rows), the next tokens otherwise."""
+    x = batch["input_ids"].to(device)
+    targets = batch["labels"].to(device) if "labels" in batch else x[:, 1:]
+    loop_labels = batch["loop_labels"].to(device) if "loop_labels" in batch else None
+    return x[:, :-1], targets, loop_labels
 
 
 def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
@@ -112,16 +124,103 @@ def apply_update(finite: bool, policy: str, step: int, loss: float, grad_norm: f
     return False
 
 
-def _loss(out, targets: torch.Tensor, tcfg, deep: bool) -> torch.Tensor:
-    loss = out.loss
+def _loss(out, targets: torch.Tensor, tcfg, loop_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The objective: next-token (or answer) loss, or the per-loop loss of a trajectory step; plus
+    the MoE auxiliary loss and the ACT ponder cost where they are on."""
+    if tcfg.loop_schedule == "trajectory":
+        loss = per_loop_label_loss(out.loop_logits, loop_labels, tcfg.loop_loss_weights)
+    elif tcfg.deep_supervision and out.loop_logits:
+        # every differentiated iteration predicts the targets, later ones weigh more
+        loss = 0.5 * out.loss + 0.5 * per_loop_lm_loss(out.loop_logits, targets, scheme="linear")
+    else:
+        loss = out.loss
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
     if tcfg.ponder_cost > 0 and out.ponder_cost is not None:
         loss = loss + tcfg.ponder_cost * out.ponder_cost
-    if deep and out.loop_logits:
-        # deep supervision: every differentiated iteration predicts the targets, later ones weigh more
-        loss = 0.5 * loss + 0.5 * per_loop_lm_loss(out.loop_logits, targets, scheme="linear")
     return loss
+
+
+def step_loops(model_cfg, tcfg, step: int, loop_labels: torch.Tensor | None) -> LoopSample:
+    """This step's loop count (equal on every rank): a trajectory runs one loop per label column
+    under autograd; otherwise the model's loop distribution, seeded by (seed, step)."""
+    if tcfg.loop_schedule == "trajectory":
+        n = int(loop_labels.shape[1])
+        return LoopSample(n, n)
+    return sample_loops(model_cfg, step, tcfg.seed)
+
+
+def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, counted) greedy predictions at the labelled positions (targets != -100)."""
+    mask = targets != -100
+    return ((logits.argmax(-1) == targets) & mask).sum().float(), mask.sum().float()
+
+
+def needs_preparation(cfg: PretrainConfig) -> bool:
+    return bool(cfg.train.init_from) or (cfg.data.source == "pointer" and cfg.data.pair_embedding == "factored")
+
+
+def prepare_model(model: Mythos, cfg: PretrainConfig) -> None:
+    """What the config asks of the bare model before it is wrapped: start from a model folder
+    (train.init_from), factor the pair embedding (data.pair_embedding, source pointer)."""
+    if cfg.train.init_from:
+        init_from_folder(model, cfg.train.init_from)
+    if cfg.data.source == "pointer" and cfg.data.pair_embedding == "factored":
+        fmt = cfg.data.pointer_format()
+        factor_pair_embedding(model, fmt.n_symbols, fmt.symbol_offset, fmt.pair_offset)
+
+
+def init_from_folder(model: Mythos, folder: str) -> list[str]:
+    """Load a model folder's weights into `model`; returns the parameters the folder lacks (they
+    keep their initial values). A shape mismatch or a weight the model lacks is an error."""
+    from safetensors.torch import load_file
+
+    path = Path(folder, "model.safetensors")
+    if not path.exists():
+        raise FileNotFoundError(f"train.init_from: {folder} is not a model folder (no model.safetensors)")
+    weights = load_file(str(path), device=str(model.tok_emb.weight.device))
+    own = model.state_dict()
+    bad = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"train.init_from: {folder} does not fit this model: {', '.join(bad[:5])} "
+                         "(a different size or layout)")
+    missing = [k for k in own if k not in weights and not k.startswith("lm_head.")]
+    model.load_state_dict(weights, strict=False)
+    model.tie_weights()
+    return missing
+
+
+@torch.no_grad()
+def validate(model, batches: list[dict[str, torch.Tensor]], device: torch.device, bf16: bool, fsdp: bool, tcfg,
+             n_loops: int) -> dict[str, float]:
+    """Validation metrics, averaged over ranks: val_loss, and for answer-only rows val_acc; a
+    trajectory model runs as many loops as the rows have per-loop labels and also reports the
+    accuracy after every loop (val_acc_loop_<t>)."""
+    if not batches:
+        return {"val_loss": float("nan")}
+    model.eval()
+    loss, correct, counted = torch.zeros(()), None, torch.zeros(())
+    for batch in batches:
+        inputs, targets, loop_labels = split_batch(batch, device)
+        trajectory = tcfg.loop_schedule == "trajectory" and loop_labels is not None
+        loops = int(loop_labels.shape[1]) if trajectory else n_loops
+        with autocast(device, bf16, fsdp):
+            out = model(inputs, targets=targets, n_loops=loops, return_loop_logits=trajectory)
+        loss += out.loss.float().cpu()
+        if "labels" in batch:
+            outs = out.loop_logits if trajectory else [out.logits]
+            labels = [loop_labels[:, t] for t in range(loops)] if trajectory else [targets]
+            hits = torch.stack([answer_accuracy(o, lab)[0] for o, lab in zip(outs, labels)]).cpu()
+            correct = hits if correct is None else correct + hits
+            counted += answer_accuracy(out.logits, targets)[1].cpu()
+    model.train()
+    metrics = {"val_loss": float(all_reduce_mean(loss / len(batches)))}
+    if correct is not None:
+        acc = all_reduce_mean(correct / counted.clamp_min(1))
+        metrics["val_acc"] = float(acc[-1])
+        if len(acc) > 1:
+            metrics.update({f"val_acc_loop_{t + 1:02d}": float(a) for t, a in enumerate(acc)})
+    return metrics
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -134,7 +233,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model_cfg = cfg.model.build()
     bf16 = use_bf16(tcfg.mixed_precision, device)
     fsdp = tcfg.parallelism == "fsdp" and world_size() > 1
-    model = build_model(model_cfg, tcfg.parallelism, device, bf16, tcfg.seed)
+    model = build_model(model_cfg, tcfg.parallelism, device, bf16, tcfg.seed,
+                        prepare=(lambda m: prepare_model(m, cfg)) if needs_preparation(cfg) else None)
     core = unwrap(model)
     opt = build_optimizer(model, tcfg.lr, tcfg.betas, tcfg.weight_decay, device)
     sched = build_scheduler(opt, tcfg.warmup_steps, tcfg.steps, tcfg.lr, tcfg.min_lr)
@@ -158,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_val = all_reduce_min(len(val))  # every rank runs the same number of (collective) forwards
 
     peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, reps=3)
-    seq_len = cfg.data.seq_len
+    seq_len = cfg.data.row_len
     tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * world
     flops_cache: dict[tuple[int, int], float] = {}
 
@@ -167,19 +267,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flops_cache[(n_loops, bptt)] = flops_per_token(model_cfg, n_loops, seq_len, bptt).train_step
         return flops_cache[(n_loops, bptt)]
 
-    window = {"loss": 0.0, "n": 0, "loops": 0.0, "flops": 0.0, "t0": time.perf_counter(), "skipped": 0}
+    window = {"loss": 0.0, "n": 0, "loops": 0.0, "flops": 0.0, "t0": time.perf_counter(), "skipped": 0,
+              "correct": 0.0, "counted": 0.0}
+    answers_only = "labels" in (val[0] if val else {})  # answer-only rows: report accuracy too
 
-    def evaluate() -> float:
-        if not val:
-            return float("nan")
-        model.eval()
-        total = torch.zeros(())
-        with torch.no_grad(), autocast(device, bf16, fsdp):
-            for x in val[:n_val]:
-                x = x.to(device)
-                total += model(x[:, :-1], targets=x[:, 1:], n_loops=model_cfg.n_loops).loss.float().cpu()
-        model.train()
-        return float(all_reduce_mean(total / max(n_val, 1)))
+    def evaluate() -> dict[str, float]:
+        return validate(model, val[:n_val], device, bf16, fsdp, tcfg, model_cfg.n_loops)
 
     report_evals = bool(config.get("report_evals"))  # also report (without a checkpoint) at eval steps
 
@@ -194,19 +287,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     last_metrics: dict[str, float] = {}
     while state.step < tcfg.steps:
-        sample = sample_loops(model_cfg, state.step, tcfg.seed)
         log_now = (state.step + 1) % tcfg.log_every == 0 or state.step + 1 == tcfg.steps
         step_loss = torch.zeros(())
         stats = None
         for micro in range(tcfg.grad_accum):
-            x = next(train_iter).to(device)
-            inputs, targets = x[:, :-1], x[:, 1:]
+            inputs, targets, loop_labels = split_batch(next(train_iter), device)
+            sample = step_loops(model_cfg, tcfg, state.step, loop_labels)
             with no_sync(model, micro < tcfg.grad_accum - 1), autocast(device, bf16, fsdp):
                 out = model(inputs, targets=targets, n_loops=sample.n_loops, bptt_depth=sample.bptt_depth,
-                            return_loop_logits=tcfg.deep_supervision, collect_stats=log_now and micro == 0)
-                loss = _loss(out, targets, tcfg, tcfg.deep_supervision)
+                            return_loop_logits=tcfg.deep_supervision or tcfg.loop_schedule == "trajectory",
+                            collect_stats=log_now and micro == 0)
+                loss = _loss(out, targets, tcfg, loop_labels)
             (loss / tcfg.grad_accum).backward()
-            step_loss += out.loss.detach().float().cpu() / tcfg.grad_accum
+            objective = loss - out.aux_loss if out.aux_loss is not None else loss
+            step_loss += objective.detach().float().cpu() / tcfg.grad_accum
+            correct, counted = answer_accuracy(out.logits.detach(), targets)
+            window["correct"] += float(correct)
+            window["counted"] += float(counted)
             if stats is None and out.state_norms:
                 stats = [float(n) for n in out.state_norms]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -245,7 +342,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "mfu": (window["flops"] / n) * tok_s / (peak * world),
                 "grad_norm": float(grad_norm),
                 "lr": sched.get_last_lr()[0],
-                "max_A": float(core.core.injection.decay().max()),
+                "max_A": float(core.core.injection.decay().detach().max()),
                 "mean_loops": window["loops"] / n,
                 "tokens": state.tokens,
                 "skipped_steps": window["skipped"],
@@ -255,23 +352,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["expert_load_imbalance"] = sum(load_imbalance(u) for u in used) / len(used)
             if stats:
                 metrics.update({f"state_norm/loop_{i + 1:02d}": v for i, v in enumerate(stats)})
+            if answers_only and window["counted"]:
+                metrics["acc"] = float(all_reduce_mean(torch.tensor(window["correct"] / window["counted"])))
             if is_eval:
-                metrics["val_loss"] = evaluate()
+                metrics.update(evaluate())
             tracker.log_metrics(metrics, step=state.step)
             if rank == 0:
                 val_txt = f" | val {metrics['val_loss']:.3f}" if "val_loss" in metrics else ""
-                say(f"[mythos] step {state.step:>5d}/{tcfg.steps} | loss {loss_mean:.3f} ppl "
+                if "val_acc" in metrics:
+                    val_txt += f" acc {metrics['val_acc']:.2f}"
+                acc_txt = f" acc {metrics['acc']:.2f}" if "acc" in metrics else ""
+                say(f"[mythos] step {state.step:>5d}/{tcfg.steps} | loss {loss_mean:.3f}{acc_txt} ppl "
                     f"{metrics['perplexity']:.2f}{val_txt} | {tok_s:,.0f} tok/s | MFU {metrics['mfu']:.1%} | "
                     f"loops {metrics['mean_loops']:.1f} | lr {metrics['lr']:.2e} | gnorm "
                     f"{metrics['grad_norm']:.2f}")
             last_metrics = {**last_metrics, **metrics, "step": state.step}
-            window.update(loss=0.0, n=0, loops=0.0, flops=0.0, t0=time.perf_counter(), skipped=0)
+            window.update(loss=0.0, n=0, loops=0.0, flops=0.0, t0=time.perf_counter(), skipped=0, correct=0.0,
+                          counted=0.0)
         if is_ckpt or (report_evals and is_eval):
             report({**last_metrics, "step": state.step}, save=is_ckpt)
 
     export_dir = config.get("export_dir")
     if export_dir:
-        tokenizer = load_tokenizer(cfg.data.tokenizer) if rank == 0 else None
+        tokenizer = cfg.data.build_tokenizer() if rank == 0 else None
+        merge(unwrap(model))  # a factored pair embedding becomes plain rows
         export_model(model, model_cfg, export_dir, rank, tokenizer, metadata={"step": str(state.step)})
         if rank == 0:
             Path(export_dir, "training_summary.json").write_text(json.dumps(last_metrics, indent=2))

@@ -37,3 +37,15 @@ def per_loop_lm_loss(loop_logits: list[torch.Tensor], targets: torch.Tensor, sch
     w = loop_weights(len(loop_logits), scheme)
     losses = [F.cross_entropy(l.float().flatten(0, 1), targets.flatten(), ignore_index=-100) for l in loop_logits]
     return sum(wj * lj for wj, lj in zip(w, losses))
+
+
+def per_loop_label_loss(loop_logits: list[torch.Tensor], loop_labels: torch.Tensor,
+                        scheme: str = "uniform") -> torch.Tensor:
+    """Trajectory (deep) supervision from the data: loop_logits[t] (B, S, V) is the output after
+    iteration t + 1 and loop_labels[:, t] (B, S) its labels (-100: no loss at that position)."""
+    if len(loop_logits) != loop_labels.shape[1]:
+        raise ValueError(f"{len(loop_logits)} loop outputs but labels for {loop_labels.shape[1]} loops")
+    w = loop_weights(len(loop_logits), scheme)
+    losses = [F.cross_entropy(l.float().flatten(0, 1), loop_labels[:, t].flatten(), ignore_index=-100)
+              for t, l in enumerate(loop_logits)]
+    return sum(wj * lj for wj, lj in zip(w, losses))

@@ -9,7 +9,7 @@ precision on GPU (the process group itself is set up by Ray Train's TorchTrainer
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,10 +31,18 @@ def blocks(model: Mythos) -> list[nn.Module]:
     return [*model.prelude, *model.core.layers, *model.coda]
 
 
-def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16: bool, seed: int) -> nn.Module:
-    """The model, initialised identically on every rank and wrapped for `parallelism`."""
+def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16: bool, seed: int,
+                prepare: Callable[[Mythos], None] | None = None) -> nn.Module:
+    """The model, initialised identically on every rank and wrapped for `parallelism`.
+
+    `prepare` changes the bare, initialised model before it is wrapped (load weights, register a
+    parametrization); it runs identically on every rank. FSDP2 builds on the meta device and
+    initialises after sharding, so it takes no `prepare` yet."""
     world = world_size()
     if parallelism == "fsdp" and world > 1:
+        if prepare is not None:
+            raise ValueError("train.init_from and data.pair_embedding=factored are not supported with FSDP2 "
+                             "yet: use train.parallelism=ddp")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -52,6 +60,8 @@ def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16:
         return model
     torch.manual_seed(seed)
     model = Mythos(cfg).to(device)
+    if prepare is not None:
+        prepare(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -18,8 +18,6 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from mythos.tokenizer import load_tokenizer
-
 from ..config import PretrainConfig
 from ..data.pipeline import build_datasets
 from ..ray_env import init_ray
@@ -78,7 +76,7 @@ def run_pretrain(cfg: PretrainConfig, fault: dict | None = None, *, datasets: di
     export_dir = Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
     init_ray()
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = cfg.data.build_tokenizer()
     model_cfg = cfg.model.build()
     if datasets is None:
         train_ds, val_ds = build_datasets(cfg.data, tokenizer)

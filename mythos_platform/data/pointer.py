@@ -1,0 +1,169 @@
+"""The reasoning corpus: pointer-chasing problems as text, one word per pair, with per-loop labels.
+
+A problem is a random *function* f over `n_symbols` symbols (multihop.generate_problem), a start
+symbol s and a hop count k; the answer is f^k(s). As text (16 symbols, k = 3):
+
+    "> > > nb cj ph ... mc b"   ->   " j"
+     |---| |--- 16 pairs ---| |         `- the answer f^3(b), the next word
+     marks (k, optional)      `- the start symbol: its position answers
+
+- Each pair "xy" (x maps to y) is one word, so the word-level tokenizer (`pointer_tokenizer`)
+  gives every pair one position. A looped model learns pointer chasing with one position per
+  pair and did not learn it with the pair spelled out as several tokens (measured on this
+  project's model: docs/depth.md).
+- The start symbol comes last, so the position that answers holds the symbol to look up (one
+  attention step per hop); with a separate answer mark after it, the start symbol must first
+  be copied there, which small models learned far more slowly (docs/depth.md).
+- The hop marks (one ">" per hop, in unary so they stay meaningful beyond the trained counts)
+  come *first*: the distance between the start symbol and the pairs is then the same for
+  every hop count, so a 16-hop prompt puts no relative (RoPE) distance between the answering
+  position and the pairs that a 4-hop training prompt did not.
+- Every row starts with the tokenizer's end-of-text token, the start-of-document signal that
+  the lm-eval adapter and the server also put before a prompt.
+
+Per-loop labels (`rows`): a row holds `input_ids` (prompt + answer, L + 1 ids) and
+`loop_labels` (T, L): the label of position i after loop t, -100 everywhere but the answering
+position. Two kinds:
+
+- "trajectory": after loop t the label is f^t(s), whatever the marks say: every example
+  trains the whole chain, each loop's output feeding the next lookup (the schedule that makes
+  pointer chasing extrapolate, see docs/depth.md);
+- "hold": after loop t the label is f^min(t, k)(s): hop until k, then stay.
+
+The final label of a row (what a plain next-token loss trains) is its k-hop answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from .multihop import ALPHABET, MAX_SYMBOLS, Problem, generate_problem, hop_list
+
+IGNORE = -100
+MARK = ">"
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+LoopLabels = Literal["trajectory", "hold"]
+
+__all__ = ["PointerFormat", "pointer_tokenizer", "IGNORE", "MARK"]
+
+
+@dataclass(frozen=True)
+class PointerFormat:
+    """How problems over `n_symbols` symbols are written, tokenized and labelled."""
+
+    n_symbols: int = 16
+    hop_marks: bool = True
+    """Write the hop count as k marks before the pairs (False: the loop count alone says how far to go)."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_symbols <= MAX_SYMBOLS:
+            raise ValueError(f"n_symbols must be in 2..{MAX_SYMBOLS}, got {self.n_symbols}")
+
+    # ------------------------------------------------------------------------------ vocabulary
+    @property
+    def symbols(self) -> str:
+        return ALPHABET[: self.n_symbols]
+
+    def vocabulary(self) -> list[str]:
+        """Every word, in id order: specials, the mark, the symbols, then the pairs xy."""
+        return [PAD, EOS, UNK, MARK, *self.symbols, *(x + y for x in self.symbols for y in self.symbols)]
+
+    @property
+    def vocab_size(self) -> int:
+        return 4 + self.n_symbols + self.n_symbols**2
+
+    @property
+    def symbol_offset(self) -> int:
+        return 4
+
+    @property
+    def pair_offset(self) -> int:
+        return 4 + self.n_symbols
+
+    def prompt_len(self, hops: int) -> int:
+        """Tokens of a prompt with `hops` hops, the leading end-of-text token included."""
+        return 1 + (hops if self.hop_marks else 0) + self.n_symbols + 1
+
+    # ------------------------------------------------------------------------------ text
+    def prompt(self, p: Problem) -> str:
+        marks = [MARK] * p.hops if self.hop_marks else []
+        return " ".join([*marks, *(a + b for a, b in p.pairs), p.start])
+
+    def answer(self, p: Problem) -> str:
+        """The continuation of the prompt: a space and the answer symbol."""
+        return " " + p.answer
+
+    # ------------------------------------------------------------------------------ rows
+    def ids(self, p: Problem) -> list[int]:
+        """Token ids of <eos> + prompt + answer (what `pointer_tokenizer` gives for that text)."""
+        sym = {s: self.symbol_offset + i for i, s in enumerate(self.symbols)}
+        marks = [3] * p.hops if self.hop_marks else []
+        pairs = [self.pair_offset + (sym[a] - self.symbol_offset) * self.n_symbols + sym[b] - self.symbol_offset
+                 for a, b in p.pairs]
+        return [1, *marks, *pairs, sym[p.start], sym[p.answer]]
+
+    def rows(self, problems: Sequence[Problem], n_loops: int, labels: LoopLabels = "trajectory",
+             length: int | None = None) -> dict[str, np.ndarray]:
+        """{"input_ids": (N, L+1), "labels": (N, L), "loop_labels": (N, n_loops, L)} int32 arrays.
+
+        `labels` holds each row's k-hop answer at the answering (last) position, -100 elsewhere;
+        `loop_labels[:, t]` the label after loop t + 1. Rows shorter than `length` + 1 tokens (fewer
+        hop marks) are left-padded with <pad> (default: the longest row). Trajectory labels need
+        every problem's chain to reach n_loops hops (`problems(..., chain=n_loops)`)."""
+        if not problems:
+            raise ValueError("no problems")
+        seqs = [self.ids(p) for p in problems]
+        L = max(len(s) for s in seqs) - 1 if length is None else length
+        if any(len(s) > L + 1 for s in seqs):
+            raise ValueError(f"a problem is longer than length={L} tokens")
+        seqs = [[0] * (L + 1 - len(s)) + s for s in seqs]
+        sym = {s: self.symbol_offset + i for i, s in enumerate(self.symbols)}
+        final = np.full((len(seqs), L), IGNORE, dtype=np.int32)
+        final[:, L - 1] = [s[-1] for s in seqs]
+        loop_labels = np.full((len(seqs), n_loops, L), IGNORE, dtype=np.int32)
+        for i, p in enumerate(problems):
+            chain = [p.start, *p.steps]  # chain[j] = f^j(start)
+            for t in range(1, n_loops + 1):
+                j = t if labels == "trajectory" else min(t, p.hops)
+                if j >= len(chain):
+                    raise ValueError(f"trajectory labels for {n_loops} loops need chains of >= {n_loops} hops; "
+                                     f"problem has {p.hops}")
+                loop_labels[i, t - 1, L - 1] = sym[chain[j]]
+        return {"input_ids": np.asarray(seqs, dtype=np.int32), "labels": final, "loop_labels": loop_labels}
+
+
+def chain_problem(index: int, hops: int, chain: int, seed: int, n_symbols: int, stream: int) -> Problem:
+    """Problem `index` of (seed, stream) with `hops` hops, its chain f^1..f^max(hops, chain) computed
+    (so trajectory labels can run past the stated hop count)."""
+    p = generate_problem(index, max(hops, chain), seed, n_symbols, stream)
+    return Problem(pairs=p.pairs, start=p.start, hops=hops, answer=p.steps[hops - 1], steps=p.steps)
+
+
+def problems(n: int, hops: int | Sequence[int], chain: int, seed: int, n_symbols: int, stream: int,
+             start_index: int = 0) -> list[Problem]:
+    """`n` problems with hop counts drawn from `hops` (per problem, reproducibly) and chains of >= `chain` hops."""
+    choices = hop_list(hops)
+    out = []
+    for i in range(start_index, start_index + n):
+        k = choices[int(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(stream), int(i), 7]).integers(len(choices)))]
+        out.append(chain_problem(i, k, chain, seed, n_symbols, stream))
+    return out
+
+
+def pointer_tokenizer(fmt: PointerFormat):
+    """A word-level Hugging Face `tokenizers` tokenizer of `fmt`'s vocabulary (saved with the model as
+    tokenizer.json, so the model folder reads the problem as text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from mythos.tokenizer import HFTokenizer
+
+    vocab = {w: i for i, w in enumerate(fmt.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.add_special_tokens([PAD, EOS, UNK])
+    return HFTokenizer(tok, f"pointer-{fmt.n_symbols}", eos_token=EOS)
