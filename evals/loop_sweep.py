@@ -82,15 +82,10 @@ def primary_metric(metrics: dict[str, float]) -> str:
 def floor_start_symbol(task: str, limit: float | None = None) -> float | None:
     """Score of always answering the start symbol, for local multi-hop tasks (None otherwise).
     Like lm-eval, an integer `limit` takes the first rows, a fraction that share of them."""
-    path = TASKS_DIR / "data" / f"{task}.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _task_rows(task, limit)
     if not rows or "start" not in rows[0] or "answer" not in rows[0]:
         return None
-    if limit is not None:
-        rows = rows[: int(math.ceil(len(rows) * limit)) if limit < 1 else int(limit)]
-    return sum(r["answer"] == r["start"] for r in rows) / len(rows)
+    return sum(r["answer"].strip() == r["start"] for r in rows) / len(rows)
 
 
 # ---------------------------------------------------------------------------- configuration, results
@@ -119,6 +114,8 @@ class SweepConfig:
     experiment: str = "mythos-eval"
     run_name: str | None = None
     track: bool = True
+    loops_equal_hops: bool = False
+    """Also score every task of one hop count k (multihop_k*, pointer_k*) at n_loops = k."""
 
     def validate(self) -> None:
         if not self.loops or any(not isinstance(n, int) or n < 1 for n in self.loops):
@@ -168,9 +165,10 @@ class SweepResult:
 
 
 # ---------------------------------------------------------------------------- one point (a Ray task body)
-def evaluate_point(model_dir: str, task: str, n_loops: int, exit_threshold: float | None, stock: bool,
-                   cfg: SweepConfig, threads: int = 1) -> EvalPoint:
-    """Load the model, score one task at one loop setting (runs inside a Ray task, or inline)."""
+def evaluate_points(model_dir: str, tasks: Sequence[str], n_loops: int, exit_threshold: float | None,
+                    stock: set[str], cfg: SweepConfig, threads: int = 1) -> list[EvalPoint]:
+    """Load the model once and score `tasks` at one loop setting in one lm-eval run (a Ray task
+    body, or inline)."""
     import torch
 
     torch.set_num_threads(max(1, threads))
@@ -181,10 +179,40 @@ def evaluate_point(model_dir: str, task: str, n_loops: int, exit_threshold: floa
     t0 = time.perf_counter()
     lm = MythosLM(pretrained=model_dir, n_loops=n_loops, exit_threshold=exit_threshold, batch_size=cfg.batch_size,
                   device=cfg.device, dtype=cfg.dtype, progress=False)
-    summary = evaluate_tasks(lm, [task], cfg.include_path, stock=stock, limit=cfg.limit,
-                             bootstrap_iters=cfg.bootstrap_iters)[task]
-    return EvalPoint(task, n_loops, exit_threshold, summary["metrics"], summary["stderr"], summary["higher_is_better"],
-                     lm.mean_loops_used, summary["n"], time.perf_counter() - t0)
+    summary = evaluate_tasks(lm, list(tasks), cfg.include_path, stock=bool(stock & set(tasks)), limit=cfg.limit,
+                             bootstrap_iters=cfg.bootstrap_iters)
+    seconds = (time.perf_counter() - t0) / len(tasks)
+    return [EvalPoint(task, n_loops, exit_threshold, summary[task]["metrics"], summary[task]["stderr"],
+                      summary[task]["higher_is_better"], lm.mean_loops_used, summary[task]["n"], seconds)
+            for task in tasks]
+
+
+def task_hops(task: str) -> int | None:
+    """The hop count of a local task whose rows all share one (multihop_k*, pointer_k*), else None."""
+    rows = _task_rows(task)
+    hops = {r.get("hops") for r in rows} if rows else {None}
+    return int(hops.pop()) if len(hops) == 1 and None not in hops else None
+
+
+def _task_rows(task: str, limit: float | None = None) -> list[dict]:
+    path = TASKS_DIR / "data" / f"{task}.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if limit is not None and rows:
+        rows = rows[: int(math.ceil(len(rows) * limit)) if limit < 1 else int(limit)]
+    return rows
+
+
+def shallow_floor(task: str, trained_hops: int, limit: float | None = None) -> float | None:
+    """The best score of answering f^j(start) for one fixed j < k and j <= trained_hops, on a task
+    whose rows carry their chain (pointer_k*): what a model that never goes deeper than it was
+    trained still scores, because a random function's orbits fall into short cycles."""
+    rows = _task_rows(task, limit)
+    if not rows or "chain" not in rows[0]:
+        return None
+    k = int(rows[0]["hops"])
+    return max(sum(r["chain"][j] == r["chain"][k] for r in rows) / len(rows) for j in range(min(k, trained_hops + 1)))
 
 
 # ---------------------------------------------------------------------------- tables and plot
@@ -199,20 +227,30 @@ def _rows_by_task(points: Sequence[EvalPoint]) -> dict[str, list[EvalPoint]]:
     return out
 
 
-def loops_table(points: Sequence[EvalPoint], limit: float | None = None, task_order: Sequence[str] = ()) -> str:
-    """Markdown: one row per task (its primary metric), one column per loop count, the
-    'answer = start symbol' floor beside it where it applies."""
+def loops_table(points: Sequence[EvalPoint], limit: float | None = None, task_order: Sequence[str] = (),
+                loops: Sequence[int] | None = None, loops_equal_hops: bool = False, trained_hops: int = 4) -> str:
+    """Markdown: one row per task (its primary metric), one column per loop count (and at
+    loops = the task's hop count), the 'answer = start symbol' floor and, for tasks that carry
+    their chains, the shallow floor beside it."""
     fixed = [p for p in points if p.exit_threshold is None]
-    loops = sorted({p.n_loops for p in fixed})
+    loops = sorted(set(loops) if loops is not None else {p.n_loops for p in fixed})
     by_task = _rows_by_task(fixed)
     order = [t for t in task_order if t in by_task] + sorted(t for t in by_task if t not in task_order)
-    lines = ["| task | metric | floor (answer = start) | " + " | ".join(f"n_loops={n}" for n in loops) + " |",
-             "|---|---|---|" + "---|" * len(loops)]
+    shallow = any(shallow_floor(t, trained_hops) is not None for t in order)
+    head = ["task", "metric", "floor (answer = start)"] + ([f"shallow floor (j <= {trained_hops})"] if shallow else [])
+    head += [f"n_loops={n}" for n in loops] + (["loops = hops"] if loops_equal_hops else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task in order:
         pts = {p.n_loops: p for p in by_task[task]}
         metric = by_task[task][0].primary
-        cells = [_fmt(pts[n].metrics.get(metric)) if n in pts else "—" for n in loops]
-        lines.append(f"| {task} | {metric} | {_fmt(floor_start_symbol(task, limit))} | " + " | ".join(cells) + " |")
+        cells = [task, metric, _fmt(floor_start_symbol(task, limit))]
+        if shallow:
+            cells.append(_fmt(shallow_floor(task, trained_hops, limit)))
+        cells += [_fmt(pts[n].metrics.get(metric)) if n in pts else "—" for n in loops]
+        if loops_equal_hops:
+            k = task_hops(task)
+            cells.append(_fmt(pts[k].metrics.get(metric)) if k in pts else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,8 +367,18 @@ def run_sweep(cfg: SweepConfig, progress: Callable[[str], None] | None = print) 
     model_dir = Path(model_dir).resolve()
     mcfg = load_config(model_dir)  # fails here, not in every worker, if the folder is broken
     cap = cfg.exit_max_loops or max(cfg.loops)
-    jobs = [(task, n, None) for n in sorted(cfg.loops, reverse=True) for task in resolved.leaves]
-    jobs += [(task, cap, thr) for thr in cfg.exit_thresholds for task in resolved.leaves]
+    by_setting: dict[tuple[int, float | None], list[str]] = {}
+    for n in cfg.loops:
+        by_setting.setdefault((n, None), []).extend(resolved.leaves)
+    if cfg.loops_equal_hops:
+        for task in resolved.leaves:
+            k = task_hops(task)
+            if k is not None and task not in by_setting.get((k, None), []):
+                by_setting.setdefault((k, None), []).append(task)
+    for thr in cfg.exit_thresholds:
+        by_setting[(cap, thr)] = list(resolved.leaves)
+    jobs = sorted(by_setting.items(), key=lambda kv: (kv[0][1] is not None, -kv[0][0]))
+    n_points = sum(len(tasks) for _, tasks in jobs)
 
     tracker = Tracker(tcfg, cfg.run_root)
     tracker.start(run_name=cfg.run_name or f"eval-{Path(cfg.model).name or 'model'}-{stamp}",
@@ -342,35 +390,39 @@ def run_sweep(cfg: SweepConfig, progress: Callable[[str], None] | None = print) 
 
     init_ray()
     threads = max(1, int(cfg.cpus_per_task))
-    remote = ray.remote(evaluate_point).options(
+    remote = ray.remote(evaluate_points).options(
         num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=0,
         runtime_env={"env_vars": QUIET_ENV})
     stock = set(resolved.stock)
-    pending = {remote.remote(str(model_dir), task, n, thr, task in stock, cfg, threads): (task, n, thr)
-               for task, n, thr in jobs}
+    pending = {remote.remote(str(model_dir), tasks, n, thr, stock, cfg, threads): (tasks, n, thr)
+               for (n, thr), tasks in jobs}
     say(f"evaluating {model_dir} on {len(resolved.leaves)} task(s) x {len(cfg.loops)} loop count(s)"
-        f"{f' + {len(cfg.exit_thresholds)} exit threshold(s)' if cfg.exit_thresholds else ''}: {len(jobs)} Ray tasks "
-        f"of {cfg.cpus_per_task:g} CPU")
+        f"{' + loops = hops' if cfg.loops_equal_hops else ''}"
+        f"{f' + {len(cfg.exit_thresholds)} exit threshold(s)' if cfg.exit_thresholds else ''}: {n_points} points in "
+        f"{len(jobs)} Ray tasks (one per loop setting) of {cfg.cpus_per_task:g} CPU")
     points: list[EvalPoint] = []
     failures: list[dict[str, Any]] = []
     done = 0
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        task, n, thr = pending.pop(ready[0])
-        done += 1
+        tasks, n, thr = pending.pop(ready[0])
         try:
-            p = ray.get(ready[0])
-        except Exception as exc:  # one failed point does not lose the others
+            got = ray.get(ready[0])
+        except Exception as exc:  # one failed loop setting does not lose the others
             cause = getattr(exc, "cause", None) or exc
-            failures.append({"task": task, "n_loops": n, "exit_threshold": thr, "error": explain(cause)})
-            say(f"[{done:>3}/{len(jobs)}] FAILED {task} loops={n}{'' if thr is None else f' exit={thr:g}'}: "
-                f"{explain(cause)}")
+            done += len(tasks)
+            for task in tasks:
+                failures.append({"task": task, "n_loops": n, "exit_threshold": thr, "error": explain(cause)})
+            say(f"[{done:>3}/{n_points}] FAILED loops={n}{'' if thr is None else f' exit={thr:g}'} "
+                f"({len(tasks)} task(s)): {explain(cause)}")
             continue
-        points.append(p)
-        tracker.log_metrics(point_metrics(p), step=p.n_loops)
-        say(f"[{done:>3}/{len(jobs)}] {_describe(p)}")
+        for p in got:
+            done += 1
+            points.append(p)
+            tracker.log_metrics(point_metrics(p), step=p.n_loops)
+            say(f"[{done:>3}/{n_points}] {_describe(p)}")
 
-    table = loops_table(points, cfg.limit, resolved.leaves)
+    table = loops_table(points, cfg.limit, resolved.leaves, loops=cfg.loops, loops_equal_hops=cfg.loops_equal_hops)
     adaptive = adaptive_table(points, resolved.leaves)
     md = f"# {cfg.model}: score vs inference loops\n\n{table}"
     if adaptive:

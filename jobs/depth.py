@@ -1,11 +1,12 @@
-"""Depth-extrapolation experiment: an RDT and a parameter-matched baseline on pointer chasing.
+"""Depth extrapolation: a looped model and a parameter-matched baseline on pointer chasing.
 
-    python jobs/depth.py --config jobs/configs/depth-extrapolation.yaml [--set steps=500 ...]
-    ray job submit --working-dir . -- python jobs/depth.py --config jobs/configs/depth-extrapolation.yaml
+    python jobs/depth.py --config jobs/configs/depth-extrapolation.yaml [--set KEY=VALUE ...]
+    ray job submit --working-dir . -- python jobs/depth.py --set root=$PWD/runs/depth
 
-Trains both on problems with hops <= N (side by side, one Ray task each), evaluates them on hops
-1..2N (the RDT at every loop count in eval_loops), prints the accuracy table and logs the table,
-the plot and both models to MLflow.
+Two runs of the one trainer (jobs/configs/reasoning.yaml and reasoning-baseline.yaml) train side
+by side on problems of <= 4 hops; lm-eval then scores both on 1..16 hops, the looped model at
+every loop count of eval_loops and at loops = hops. Prints the accuracy table; logs the table,
+the plot and the runs to MLflow.
 """
 
 from __future__ import annotations

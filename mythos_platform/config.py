@@ -321,9 +321,10 @@ class DataConfig(Section):
     """pointer: hop count of the validation problems, deeper than training to measure extrapolation
     (their labels run to val_hops loops); null: 2 * max_hops."""
     pair_embedding: Literal["factored", "token"] = "token"
-    """pointer: token: one free embedding row per pair word; factored: a pair word "xy" embeds as
-    E[x] + T[y] (train/pair_embedding.py), merged into plain rows at export. Under the trajectory
-    schedule both learn (docs/depth.md); factored needs an untied head."""
+    """pointer: token: one free embedding row per pair word, initialised as E[x] + T[y] (E the
+    symbol embeddings, T a random table); factored: a pair word "xy" embeds as E[x] + T[y] all
+    through training (train/pair_embedding.py), merged into plain rows at export. Both learn under
+    the trajectory schedule (docs/depth.md); factored needs an untied head."""
     # --- execution on small machines -------------------------------------------------------
     cpus_per_task: float = 0.25
     """CPUs each read / tokenize task asks for; fractional so data tasks fit beside train workers."""
@@ -614,12 +615,10 @@ class PretrainConfig(Section):
         if self.data.tokenizer == "byte":
             self.need(model.vocab_size >= 259, _join(path, "model.overrides.vocab_size"),
                       "must be >= 259 for the byte tokenizer", model.vocab_size)
-        if self.train.parallelism == "fsdp" and self.scaling.num_workers > 1:
-            self.need(not self.train.init_from, _join(path, "train.init_from"),
-                      "is not supported with train.parallelism=fsdp yet (use ddp)", self.train.init_from)
-            self.need(self.data.source != "pointer" or self.data.pair_embedding != "factored",
-                      _join(path, "data.pair_embedding"), "factored is not supported with train.parallelism=fsdp "
-                      "yet (use ddp, or pair_embedding=token)", self.data.pair_embedding)
+        if self.train.parallelism == "fsdp" and self.scaling.num_workers > 1 and self.data.source == "pointer":
+            self.need(self.data.pair_embedding != "factored", _join(path, "data.pair_embedding"),
+                      "factored is not supported with train.parallelism=fsdp yet (use ddp, or token)",
+                      self.data.pair_embedding)
         if self.train.init_from:
             self.need(Path(self.train.init_from, "model.safetensors").is_file(), _join(path, "train.init_from"),
                       "is not a model folder (config.json + model.safetensors)", self.train.init_from)
@@ -645,10 +644,9 @@ class PretrainConfig(Section):
             self.need(model.train_loops_max >= loops, _join(path, "model.overrides.train_loops_max"),
                       f"must be >= the {loops} loops a trajectory step runs (data.label_loops, default max_hops)",
                       model.train_loops_max)
-        if d.pair_embedding == "factored":
-            self.need(not model.tie_embeddings, _join(path, "model.overrides.tie_embeddings"),
-                      "must be false with data.pair_embedding=factored (the head would be trained on the "
-                      "unfactored rows)", model.tie_embeddings)
+        self.need(not model.tie_embeddings, _join(path, "model.overrides.tie_embeddings"),
+                      "must be false with data.source=pointer (pair rows are initialised or factored as E[x] + "
+                      "T[y]; a tied head would score every pair word like its source symbol)", model.tie_embeddings)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ Every file comes from `mythos_platform.data.multihop` with seeds the demo model 
 | multihop_gen.jsonl    | 1100     | 1..8 mixed  | free generation of the answer              |
 | multihop_choice.jsonl | 1200     | 1..8 mixed  | 4 choices: answer + start / hop-neighbours |
 | multihop_ppl.jsonl    | 1300     | 1..4 mixed  | held-out documents of the training mix     |
+| pointer_k{k}.jsonl    | 3000 + k | k (1..16)   | the reasoning corpus's text (word-level    |
+|                       |          |             | tokenizer): marks, pairs, start symbol     |
+
+The pointer_k tasks are written in `mythos_platform.data.pointer`'s format with 16 symbols and
+hop marks on; rows also carry the chain f^0(start)..f^k(start), from which the shallow floor is
+computed (the best score of answering f^j(start) for one fixed j <= the trained hop count).
 
 Rows carry the prompt, the answer, the start symbol and the hop count, so the "answer = start
 symbol" floor of every task can be computed from its file (`floor_start_symbol`).
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mythos_platform.data import pointer
 from mythos_platform.data.multihop import ALPHABET, Problem, document, generate_problems, render
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -33,6 +40,14 @@ N_PER_TASK = 200
 N_SYMBOLS = 16
 HOPS = range(1, 9)
 TRAINED_HOPS = range(1, 5)
+POINTER_HOPS = range(1, 17)
+POINTER_SEED = 3000
+TASK_YAML = """# Pointer chasing, {k} hop(s){note}; held-out seed {seed}. Written by build_data.py.
+include: _pointer_k_template.yaml
+task: pointer_k{k}
+dataset_kwargs:
+  file: pointer_k{k}.jsonl
+"""
 N_CHOICES = 4
 
 
@@ -71,7 +86,18 @@ def build() -> dict[str, list[dict]]:
     files["multihop_ppl.jsonl"] = [{"text": document(p), "hops": p.hops}
                                    for p in generate_problems(N_PER_TASK, TRAINED_HOPS, seed=1300,
                                                               n_symbols=N_SYMBOLS)]
+    fmt = pointer.PointerFormat(N_SYMBOLS, hop_marks=True)
+    for k in POINTER_HOPS:
+        probs = pointer.problems(N_PER_TASK, k, k, POINTER_SEED + k, N_SYMBOLS, stream=0)
+        files[f"pointer_k{k}.jsonl"] = [{"prompt": fmt.prompt(p), "answer": fmt.answer(p), "start": p.start,
+                                          "hops": p.hops, "chain": p.start + "".join(p.steps[:k])} for p in probs]
     return files
+
+
+def task_yamls() -> dict[str, str]:
+    """The pointer_k task files (one per hop count)."""
+    return {f"pointer_k{k}.yaml": TASK_YAML.format(k=k, seed=POINTER_SEED + k, note=" (trained: <= 4)" if k <= 4
+                                                    else " (deeper than trained)") for k in POINTER_HOPS}
 
 
 def _dump(rows: list[dict]) -> str:
@@ -84,6 +110,10 @@ def write(data_dir: Path = DATA_DIR) -> list[Path]:
     for name, rows in build().items():
         path = data_dir / name
         path.write_text(_dump(rows))
+        out.append(path)
+    for name, text in task_yamls().items():
+        path = data_dir.parent / name
+        path.write_text(text)
         out.append(path)
     return out
 

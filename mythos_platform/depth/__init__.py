@@ -2,5 +2,6 @@
 
 from .config import DepthConfig
 from .experiment import DepthResult, run_depth_experiment
+from .report import DepthReport, report_from_points
 
-__all__ = ["DepthConfig", "DepthResult", "run_depth_experiment"]
+__all__ = ["DepthConfig", "DepthReport", "DepthResult", "report_from_points", "run_depth_experiment"]

@@ -237,12 +237,18 @@ class MythosServer:
                            "too_many")
         if any(not s for s in stops):
             raise APIError(400, "stop: stop strings must not be empty", "stop", "empty")
-        ids = [self.engine.tokenizer.encode(p) for p in prompts]
+        eos = self.engine.tokenizer.eos_id
+        prefix = [eos] if self.cfg.model.prefix_token and eos is not None else []
+        ids = []
+        for k, text in enumerate(prompts):
+            where = "prompt" if isinstance(req.prompt, str) else f"prompt[{k}]"
+            own = self.engine.tokenizer.encode(text)
+            if not own:
+                raise APIError(400, f"{where}: is empty; need at least one token", "prompt", "empty")
+            ids.append(prefix + own)
         max_prompt = self._max_prompt_tokens()
         for k, p in enumerate(ids):
             where = "prompt" if isinstance(req.prompt, str) else f"prompt[{k}]"
-            if not p:
-                raise APIError(400, f"{where}: is empty; need at least one token", "prompt", "empty")
             if len(p) > max_prompt:
                 raise APIError(400, f"{where}: {len(p)} tokens, more than the limit {max_prompt}", "prompt",
                                "too_long")
@@ -253,7 +259,7 @@ class MythosServer:
         jobs = [Job(p, max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
                     n_loops=n_loops, exit_threshold=exit_threshold, stop=stops, ignore_eos=req.ignore_eos,
                     stream=req.stream) for p in ids]
-        return jobs, n_loops, exit_threshold, sum(len(p) for p in ids)
+        return jobs, n_loops, exit_threshold, sum(len(p) - len(prefix) for p in ids)
 
 
 # ---------------------------------------------------------------------------------------

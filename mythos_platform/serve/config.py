@@ -27,6 +27,10 @@ class ServeModelConfig(Section):
     """The model id clients pass (`model`); null: the registered name, or the folder's name."""
     device: str = "cpu"
     torch_threads: int = 1
+    prefix_token: bool = True
+    """Put the tokenizer's end-of-text token before every prompt: training documents follow an EOS
+    separator (and reasoning-corpus rows start with one), so it is the start-of-document signal, as
+    in the lm-eval adapter. Not counted in usage.prompt_tokens."""
     """Intra-op threads per replica (one replica per CPU: 1)."""
 
     def check(self, path: str) -> None:

@@ -157,7 +157,7 @@ def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 
 
 def needs_preparation(cfg: PretrainConfig) -> bool:
-    return bool(cfg.train.init_from) or (cfg.data.source == "pointer" and cfg.data.pair_embedding == "factored")
+    return bool(cfg.train.init_from) or cfg.data.source == "pointer"
 
 
 def prepare_model(model: Mythos, cfg: PretrainConfig) -> None:
@@ -165,9 +165,11 @@ def prepare_model(model: Mythos, cfg: PretrainConfig) -> None:
     (train.init_from), factor the pair embedding (data.pair_embedding, source pointer)."""
     if cfg.train.init_from:
         init_from_folder(model, cfg.train.init_from)
-    if cfg.data.source == "pointer" and cfg.data.pair_embedding == "factored":
+    if cfg.data.source == "pointer" and not cfg.train.init_from:
         fmt = cfg.data.pointer_format()
         factor_pair_embedding(model, fmt.n_symbols, fmt.symbol_offset, fmt.pair_offset)
+        if cfg.data.pair_embedding == "token":
+            merge(model)  # free rows that start out as E[x] + T[y]
 
 
 def init_from_folder(model: Mythos, folder: str) -> list[str]:

@@ -35,28 +35,32 @@ def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16:
                 prepare: Callable[[Mythos], None] | None = None) -> nn.Module:
     """The model, initialised identically on every rank and wrapped for `parallelism`.
 
-    `prepare` changes the bare, initialised model before it is wrapped (load weights, register a
-    parametrization); it runs identically on every rank. FSDP2 builds on the meta device and
-    initialises after sharding, so it takes no `prepare` yet."""
+    `prepare` changes the bare, initialised model before it is wrapped (load weights, initialise
+    rows, register a parametrization); it runs identically on every rank. Without it, FSDP2 builds
+    on the meta device and initialises after sharding; with it, the model is built and prepared
+    whole, then sharded (fine for the sizes that need a `prepare` today)."""
     world = world_size()
     if parallelism == "fsdp" and world > 1:
-        if prepare is not None:
-            raise ValueError("train.init_from and data.pair_embedding=factored are not supported with FSDP2 "
-                             "yet: use train.parallelism=ddp")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        with torch.device("meta"):
-            model = Mythos(cfg)
+        if prepare is None:
+            with torch.device("meta"):
+                model = Mythos(cfg)
+        else:
+            torch.manual_seed(seed)
+            model = Mythos(cfg).to(device)
+            prepare(model)
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         for block in blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        model.to_empty(device=device)
-        torch.manual_seed(seed)
-        model.init_weights()
+        if prepare is None:
+            model.to_empty(device=device)
+            torch.manual_seed(seed)
+            model.init_weights()
         return model
     torch.manual_seed(seed)
     model = Mythos(cfg).to(device)

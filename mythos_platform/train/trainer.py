@@ -158,3 +158,20 @@ def print_summary(res: PretrainResult) -> None:
     print(f"  MLflow run     : {res.mlflow_run_id} in {res.tracking_uri}")
     if res.tracking_uri.startswith("sqlite:"):
         print(f"  open the UI    : mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1 --port 5000")
+
+
+def run_pretrains(cfgs: list[PretrainConfig], driver_cpus: float = 0.05) -> list[PretrainResult]:
+    """Several pretraining runs side by side (e.g. a model and its baseline): each `run_pretrain`
+    drives its own TorchTrainer from a Ray task of `driver_cpus` CPUs. Each run's workers ask for
+    what its `scaling` section says; runs that do not fit at once wait for resources."""
+    init_ray()
+    if len(cfgs) == 1:
+        return [run_pretrain(cfgs[0])]
+    remote = ray.remote(run_pretrain).options(num_cpus=driver_cpus, max_retries=0)
+    refs = [remote.remote(cfg) for cfg in cfgs]
+    try:
+        return ray.get(refs)
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise

@@ -284,11 +284,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
     datasets = None
     if not any(p.key.startswith("data.") for p in params):  # one dataset for all trials
-        from mythos.tokenizer import load_tokenizer
-
         from ..data.pipeline import build_datasets
 
-        train_ds, val_ds = build_datasets(base.data, load_tokenizer(base.data.tokenizer))
+        train_ds, val_ds = build_datasets(base.data, base.data.build_tokenizer())
         datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
     t_data = time.perf_counter()
 

@@ -1,0 +1,140 @@
+"""The depth table and plot: accuracy by hop count, the looped model at several loop counts and at
+loops = hops, beside a non-looped baseline, the shallow floor and chance.
+
+Inputs are lm-eval points (`evals.loop_sweep.EvalPoint`) of the `pointer_k<hops>` tasks, so the
+depth job and the pipeline report exactly what the evaluation job measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class DepthReport:
+    grid: dict[tuple[int, int], float]
+    """Looped model: accuracy per (hops, n_loops)."""
+    baseline: dict[int, float] = field(default_factory=dict)
+    """Baseline accuracy per hops (its one forward pass)."""
+    floor: dict[int, float] = field(default_factory=dict)
+    """Per hops: the shallow floor (best fixed answer f^j(start), j <= trained hops)."""
+    trained_hops: int = 4
+    n_symbols: int = 16
+    loops: list[int] = field(default_factory=list)
+    """The fixed loop counts shown as columns."""
+
+    @property
+    def hops(self) -> list[int]:
+        return sorted({h for h, _ in self.grid})
+
+    def at_loops_equal_hops(self, h: int) -> float | None:
+        return self.grid.get((h, h))
+
+    def deepest_solved(self, threshold: float = 0.95) -> int:
+        """The largest H such that loops = hops scores >= threshold on every hop count 1..H."""
+        best = 0
+        for h in self.hops:
+            acc = self.at_loops_equal_hops(h)
+            if acc is None or acc < threshold:
+                break
+            best = h
+        return best
+
+    # ------------------------------------------------------------------------------ tables
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        head = ["hops", "loops = hops", *[f"{n} loops" for n in self.loops]]
+        head += ["baseline"] if self.baseline else []
+        head += ["shallow floor", "chance"]
+        out = []
+        for h in self.hops:
+            diag = self.at_loops_equal_hops(h)
+            row = [f"{h}{'*' if h <= self.trained_hops else ''}", _f(diag)]
+            row += [_f(self.grid.get((h, n))) for n in self.loops]
+            row += [_f(self.baseline.get(h))] if self.baseline else []
+            row += [_f(self.floor.get(h)), _f(1 / self.n_symbols)]
+            out.append(row)
+        return head, out
+
+    def markdown(self) -> str:
+        head, rows = self.rows()
+        md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+        md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+        md += (f"\n`*` hop counts seen in training (<= {self.trained_hops}); shallow floor: the best score of "
+               f"answering f^j(start) for one fixed j <= {self.trained_hops} (a random function's orbits cycle, "
+               f"so a model that never goes deeper still scores this); chance: 1/{self.n_symbols}.\n")
+        return md
+
+    def csv(self) -> str:
+        head, rows = self.rows()
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(head)
+        for r in rows:
+            w.writerow([r[0].rstrip("*"), *r[1:]])
+        return buf.getvalue()
+
+    # ------------------------------------------------------------------------------ plot
+    def plot(self, path: str | Path, title: str = "") -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+
+        hops = self.hops
+        fig = Figure(figsize=(8.5, 4.8), dpi=110)
+        ax = fig.add_subplot(1, 1, 1)
+        cmap = matplotlib.colormaps["viridis"]
+        for i, n in enumerate(self.loops):
+            ax.plot(hops, [self.grid.get((h, n), float("nan")) for h in hops], marker="o", markersize=3,
+                    linewidth=1, alpha=0.8, color=cmap(i / max(1, len(self.loops) - 1)), label=f"looped, {n} loops")
+        ax.plot(hops, [self.at_loops_equal_hops(h) or float("nan") for h in hops], color="crimson", linewidth=2.5,
+                marker="D", label="looped, loops = hops")
+        if self.baseline:
+            ax.plot(hops, [self.baseline.get(h, float("nan")) for h in hops], "k--", marker="s",
+                    label="baseline (no loop, same parameters)")
+        if self.floor:
+            ax.plot(hops, [self.floor.get(h, float("nan")) for h in hops], ":", color="grey", linewidth=2,
+                    label=f"shallow floor (best f^j, j <= {self.trained_hops})")
+        ax.axhline(1 / self.n_symbols, color="grey", linestyle="-.", linewidth=1, label=f"chance (1/{self.n_symbols})")
+        ax.axvspan(0.5, self.trained_hops + 0.5, color="0.9", zorder=0, label="trained hop counts")
+        ax.set_xlabel("hops (problem depth)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(hops)
+        ax.set_title(title or f"More loops solve deeper problems: trained on <= {self.trained_hops} hops", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+
+
+def _f(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def report_from_points(points: Sequence, baseline_points: Sequence = (), trained_hops: int = 4,
+                       loops: Sequence[int] = (), n_symbols: int = 16, limit: float | None = None) -> DepthReport:
+    """A DepthReport from lm-eval points of pointer_k<hops> tasks (other tasks are ignored)."""
+    from evals.loop_sweep import shallow_floor, task_hops
+
+    grid, base, floor = {}, {}, {}
+    for p in points:
+        h = task_hops(p.task) if p.task.startswith("pointer_k") else None
+        if h is None or p.exit_threshold is not None or "acc" not in p.metrics:
+            continue
+        grid[(h, p.n_loops)] = p.metrics["acc"]
+        fl = shallow_floor(p.task, trained_hops, limit)
+        if fl is not None:
+            floor[h] = fl
+    for p in baseline_points:
+        h = task_hops(p.task) if p.task.startswith("pointer_k") else None
+        if h is not None and p.exit_threshold is None and "acc" in p.metrics:
+            base[h] = p.metrics["acc"]
+    return DepthReport(grid, base, floor, trained_hops, n_symbols, sorted(set(loops)))
