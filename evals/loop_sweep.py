@@ -114,8 +114,9 @@ class SweepConfig:
     experiment: str = "mythos-eval"
     run_name: str | None = None
     track: bool = True
-    loops_equal_hops: bool = False
-    """Also score every task of one hop count k (multihop_k*, pointer_k*) at n_loops = k."""
+    loops_per_hop: list[int] = field(default_factory=list)
+    """Also score every task of one hop count k (multihop_k*, pointer_k*) at n_loops = m * k for each
+    m here: [1] adds loops = hops, [1, 2] also twice as many loops as hops."""
 
     def validate(self) -> None:
         if not self.loops or any(not isinstance(n, int) or n < 1 for n in self.loops):
@@ -128,6 +129,8 @@ class SweepConfig:
             raise ValueError(f"cpus_per_task must be > 0, got {self.cpus_per_task}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if any(not isinstance(m, int) or m < 1 for m in self.loops_per_hop):
+            raise ValueError(f"loops_per_hop must be positive ints, got {self.loops_per_hop!r}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit must be > 0, got {self.limit}")
 
@@ -228,7 +231,7 @@ def _rows_by_task(points: Sequence[EvalPoint]) -> dict[str, list[EvalPoint]]:
 
 
 def loops_table(points: Sequence[EvalPoint], limit: float | None = None, task_order: Sequence[str] = (),
-                loops: Sequence[int] | None = None, loops_equal_hops: bool = False, trained_hops: int = 4) -> str:
+                loops: Sequence[int] | None = None, loops_per_hop: Sequence[int] = (), trained_hops: int = 4) -> str:
     """Markdown: one row per task (its primary metric), one column per loop count (and at
     loops = the task's hop count), the 'answer = start symbol' floor and, for tasks that carry
     their chains, the shallow floor beside it."""
@@ -238,7 +241,7 @@ def loops_table(points: Sequence[EvalPoint], limit: float | None = None, task_or
     order = [t for t in task_order if t in by_task] + sorted(t for t in by_task if t not in task_order)
     shallow = any(shallow_floor(t, trained_hops) is not None for t in order)
     head = ["task", "metric", "floor (answer = start)"] + ([f"shallow floor (j <= {trained_hops})"] if shallow else [])
-    head += [f"n_loops={n}" for n in loops] + (["loops = hops"] if loops_equal_hops else [])
+    head += [f"n_loops={n}" for n in loops] + [f"loops = {'' if m == 1 else f'{m} x '}hops" for m in loops_per_hop]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task in order:
         pts = {p.n_loops: p for p in by_task[task]}
@@ -247,9 +250,9 @@ def loops_table(points: Sequence[EvalPoint], limit: float | None = None, task_or
         if shallow:
             cells.append(_fmt(shallow_floor(task, trained_hops, limit)))
         cells += [_fmt(pts[n].metrics.get(metric)) if n in pts else "—" for n in loops]
-        if loops_equal_hops:
-            k = task_hops(task)
-            cells.append(_fmt(pts[k].metrics.get(metric)) if k in pts else "—")
+        k = task_hops(task)
+        for m in loops_per_hop:
+            cells.append(_fmt(pts[m * k].metrics.get(metric)) if k is not None and m * k in pts else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -370,11 +373,11 @@ def run_sweep(cfg: SweepConfig, progress: Callable[[str], None] | None = print) 
     by_setting: dict[tuple[int, float | None], list[str]] = {}
     for n in cfg.loops:
         by_setting.setdefault((n, None), []).extend(resolved.leaves)
-    if cfg.loops_equal_hops:
+    for m in cfg.loops_per_hop:
         for task in resolved.leaves:
             k = task_hops(task)
-            if k is not None and task not in by_setting.get((k, None), []):
-                by_setting.setdefault((k, None), []).append(task)
+            if k is not None and task not in by_setting.get((m * k, None), []):
+                by_setting.setdefault((m * k, None), []).append(task)
     for thr in cfg.exit_thresholds:
         by_setting[(cap, thr)] = list(resolved.leaves)
     jobs = sorted(by_setting.items(), key=lambda kv: (kv[0][1] is not None, -kv[0][0]))
@@ -397,7 +400,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable[[str], None] | None = print) 
     pending = {remote.remote(str(model_dir), tasks, n, thr, stock, cfg, threads): (tasks, n, thr)
                for (n, thr), tasks in jobs}
     say(f"evaluating {model_dir} on {len(resolved.leaves)} task(s) x {len(cfg.loops)} loop count(s)"
-        f"{' + loops = hops' if cfg.loops_equal_hops else ''}"
+        f"{''.join(f' + loops = {m} x hops' for m in cfg.loops_per_hop)}"
         f"{f' + {len(cfg.exit_thresholds)} exit threshold(s)' if cfg.exit_thresholds else ''}: {n_points} points in "
         f"{len(jobs)} Ray tasks (one per loop setting) of {cfg.cpus_per_task:g} CPU")
     points: list[EvalPoint] = []
@@ -422,7 +425,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable[[str], None] | None = print) 
             tracker.log_metrics(point_metrics(p), step=p.n_loops)
             say(f"[{done:>3}/{n_points}] {_describe(p)}")
 
-    table = loops_table(points, cfg.limit, resolved.leaves, loops=cfg.loops, loops_equal_hops=cfg.loops_equal_hops)
+    table = loops_table(points, cfg.limit, resolved.leaves, loops=cfg.loops, loops_per_hop=cfg.loops_per_hop)
     adaptive = adaptive_table(points, resolved.leaves)
     md = f"# {cfg.model}: score vs inference loops\n\n{table}"
     if adaptive:

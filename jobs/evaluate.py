@@ -5,7 +5,7 @@
         --tasks multihop,multihop_choice,multihop_ppl --exit-thresholds 0.01,0.05
     ray job submit --working-dir . -- python jobs/evaluate.py --model <path|models:/name@alias> ...
 
-One Ray task per (loop count, task), each of --cpus-per-task CPUs (fractions allowed); progress
+One Ray task per loop setting (all tasks in one lm-eval run), each of --cpus-per-task CPUs (fractions allowed); progress
 lines as they finish; one MLflow run (experiment "mythos-eval") with `<task>/<metric>` at
 step = n_loops, the plot and the tables. Tasks: the local ones (multihop = multihop_k1..k8,
 multihop_choice, multihop_gen, multihop_ppl; `mythos_local` = all) or lm-eval stock tasks by
@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--exit-thresholds", default="", help="adaptive-exit thresholds, e.g. 0.01,0.05 (default: none)")
     ap.add_argument("--exit-max-loops", type=int, default=None,
                     help="loop cap of the adaptive runs (default: the largest of --loops)")
+    ap.add_argument("--loops-per-hop", default="",
+                    help="also score each task of one hop count k at m*k loops, e.g. 1,2 (default: none)")
     ap.add_argument("--limit", type=float, default=None, help="examples per task (count, or fraction < 1)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SweepConfig(
             model=args.model, loops=parse_list(args.loops), tasks=parse_list(args.tasks, str),
             exit_thresholds=parse_list(args.exit_thresholds, float), exit_max_loops=args.exit_max_loops,
+            loops_per_hop=parse_list(args.loops_per_hop),
             limit=limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
             cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, include_path=args.include_path,
             run_root=args.run_root, tracking_uri=args.tracking_uri, experiment=args.experiment,

@@ -317,6 +317,14 @@ class DataConfig(Section):
     trains the whole chain); hold: f^min(t, k)(start), hop until k and then stay."""
     label_loops: int | None = None
     """pointer: per-loop labels per training row (chains are followed this far); null: max_hops."""
+    mark_labels: bool = False
+    """pointer (hop marks on): also label each hop mark after every loop: pending before loop j,
+    consumed from it (mark j from the left) — a stop signal that moves one mark per loop."""
+    unmarked_fraction: float = 0.0
+    """pointer (hop marks on): share of training problems written without marks; they get
+    trajectory labels (hop on every loop) for their first unmarked_depth loops."""
+    unmarked_depth: int | None = None
+    """pointer: loops labelled on unmarked rows; null: max_hops."""
     val_hops: int | None = None
     """pointer: hop count of the validation problems, deeper than training to measure extrapolation
     (their labels run to val_hops loops); null: 2 * max_hops."""
@@ -352,6 +360,13 @@ class DataConfig(Section):
         self.need(self.label_loops is None or self.label_loops >= 1, p("label_loops"), "must be >= 1 or null",
                   self.label_loops)
         self.need(self.val_hops is None or self.val_hops >= 1, p("val_hops"), "must be >= 1 or null", self.val_hops)
+        self.need(0.0 <= self.unmarked_fraction < 1.0, p("unmarked_fraction"), "must be in [0, 1)",
+                  self.unmarked_fraction)
+        self.need(self.unmarked_fraction == 0.0 or self.hop_marks, p("unmarked_fraction"),
+                  "needs hop_marks: true (without marks every row is unmarked)", self.unmarked_fraction)
+        self.need(not self.mark_labels or self.hop_marks, p("mark_labels"), "needs hop_marks: true", self.mark_labels)
+        self.need(self.unmarked_depth is None or self.unmarked_depth >= 1, p("unmarked_depth"),
+                  "must be >= 1 or null", self.unmarked_depth)
         self.need((self.source == "pointer") == (self.tokenizer == "pointer"), p("tokenizer"),
                   "source 'pointer' brings its own word-level tokenizer: set data.tokenizer=pointer with it "
                   "(and only with it)", self.tokenizer)

@@ -12,15 +12,23 @@ from __future__ import annotations
 import logging
 import os
 
-import ray
-import ray.data
+# Every progress line is its own: two training runs side by side print similar lines, which Ray's
+# log deduplication would fold into "[repeated Nx across cluster]". Ray reads this when imported.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import ray  # noqa: E402
+import ray.data  # noqa: E402
 
 log = logging.getLogger("mythos")
 
 
 def init_ray(num_cpus: int | None = None, working_dir: str | None = None, quiet: bool = True) -> None:
-    """Idempotent: does nothing when Ray is already initialised in this process."""
+    """Idempotent: only quiets Ray Data when Ray is already initialised in this process (a Tune
+    trial or a Ray task that drives its own training run)."""
     if ray.is_initialized():
+        # a pipeline created in this process takes this process's DataContext; a streaming split's
+        # progress bars would otherwise keep printing from a trial's coordinator after the trial
+        ray.data.DataContext.get_current().enable_progress_bars = False
         return
     runtime_env = {"working_dir": working_dir} if working_dir else None
     address = os.environ.get("RAY_ADDRESS")

@@ -1,4 +1,6 @@
-"""A shortened end-to-end pipeline: pretrain -> sweep -> evaluate -> deploy -> one request."""
+"""A shortened `make demo`: pretrain the reasoning model (and a baseline) -> sweep from it -> lm-eval
+at several loop counts -> deploy -> one deep question. Asserts that looping buys depth: on hop
+counts beyond training, accuracy at loops = hops is high and far above a shallow loop count."""
 
 import socket
 from pathlib import Path
@@ -7,10 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mythos_platform.config import ConfigError, load_config
-from mythos_platform.pipeline import PipelineConfig, run_pipeline
+from mythos_platform.pipeline import PipelineConfig, question, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+CFG = ROOT / "jobs/configs/pipeline-debug.yaml"
 
 
 def free_port() -> int:
@@ -20,42 +22,64 @@ def free_port() -> int:
 
 
 def test_bad_stage_config_fails_before_ray(tmp_path):
-    with pytest.raises(ConfigError, match="pretrain_overrides|train.lrr"):
-        from mythos_platform.pipeline import _stage_configs
+    from mythos_platform.pipeline import _stage_configs
 
-        cfg = load_config(ROOT / "jobs/configs/pipeline-debug.yaml", [f"root={tmp_path}"], cls=PipelineConfig)
+    cfg = load_config(CFG, [f"root={tmp_path}"], cls=PipelineConfig)
+    with pytest.raises(ConfigError, match="train.lrr"):
         _stage_configs(cfg.replace(pretrain_overrides=["train.lrr=1"]), tmp_path)
+    with pytest.raises(ConfigError, match="data.val_hops"):
+        _stage_configs(cfg.replace(baseline_overrides=["data.val_hops=90"]), tmp_path)
+    with pytest.raises(ConfigError, match="the sweep ranks on val_acc"):
+        _stage_configs(cfg.replace(metric="val_loss", mode="min"), tmp_path)
+    with pytest.raises(ConfigError, match="question_hops"):
+        load_config(CFG, ["question_hops=17"], cls=PipelineConfig)
 
 
-def test_short_pipeline_end_to_end(ray_cluster, tmp_path):
-    short_pretrain = ["data.n_docs=800", "data.val_docs=100", "data.val_blocks=8", "data.seq_len=64",
-                      "train.steps=8", "train.warmup_steps=2", "train.log_every=4", "train.eval_every=8",
-                      "train.val_batches=2", "checkpoint.every_steps=8"]
+def test_the_demo_question_needs_every_hop():
+    q = question(8)
+    chain = q["chain"]
+    assert q["hops"] == 8 and len(chain) == 9 and q["answer"].strip() == chain[8]
+    assert all(chain[j] != chain[8] for j in range(8))  # stopping early is visibly wrong
+    assert q["prompt"].startswith("> " * 8) and q["prompt"].endswith(" " + chain[0])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_path):
+    pre = ["train.steps=900", "train.eval_every=300", "train.log_every=100", "checkpoint.every_steps=900",
+           "data.n_docs=30000", "data.val_docs=64", "data.val_blocks=64", "data.val_hops=8"]
+    base = ["train.steps=30", "train.warmup_steps=5", "train.eval_every=30", "checkpoint.every_steps=30",
+            "data.n_docs=2000", "data.val_docs=32", "scaling.cpus_per_worker=0.4", "train.batch_size=8"]
     sets = [
-        f"root={tmp_path}", "keep_serving=false", "eval_loops=[1,4]", "eval_tasks=[multihop_k1,multihop_k2]",
-        "eval_limit=8", "eval_exit_thresholds=[]", "request_max_tokens=4",
-        f"pretrain_overrides={short_pretrain}",
-        "sweep_overrides=[name=t-sweep, base.data.n_docs=800, base.data.val_docs=100, base.data.val_blocks=8, "
-        "base.train.steps=6, base.train.warmup_steps=2, base.train.eval_every=3, base.checkpoint.every_steps=6, asha.enabled=false, "
-        "'space={\"model.overrides.lora_rank\": [2, 4]}']",
+        f"root={tmp_path}", "keep_serving=false", "eval_loops=[2,8]", "eval_max_hops=8", "eval_limit=30",
+        f"pretrain_overrides=[scaling.num_workers=1, scaling.cpus_per_worker=1.0, train.batch_size=32, {', '.join(pre)}]",
+        f"baseline_overrides=[scaling.num_workers=1, {', '.join(base)}]",
+        "sweep_overrides=[name=t-sweep, base.data.n_docs=1000, base.data.val_docs=64, base.data.val_hops=8, "
+        "base.train.steps=10, base.train.warmup_steps=2, base.train.eval_every=5, base.checkpoint.every_steps=10, "
+        "asha.enabled=false, 'space={data.label_loops: [4], model.overrides.lora_rank: [0, 2]}']",
+        f"serve_config={ROOT / 'jobs/configs/serve-debug.yaml'}",
         f"serve_overrides=[http.port={free_port()}, batching.max_wait_ms=5]",
     ]
-    cfg = load_config(ROOT / "jobs/configs/pipeline-debug.yaml", sets, cls=PipelineConfig)
+    cfg = load_config(CFG, sets, cls=PipelineConfig)
     s = run_pipeline(cfg)
+    assert set(s.stages) == {"pretrain", "sweep", "evaluate", "deploy", "request"}
     client = MlflowClient(s.tracking_uri, registry_uri=s.tracking_uri)
     champ = client.get_model_version_by_alias("mythos-rdt", "champion")
     assert str(champ.version) == s.champion["version"]
-    # the champion is the best of the pretrain candidate and the two sweep trials by val_loss
     versions = client.search_model_versions("name='mythos-rdt'")
-    assert len(versions) >= 2
-    assert float(champ.tags["val_loss"]) == min(float(v.tags["val_loss"]) for v in versions)
-    # evaluation metrics at each loop count
-    for task in ("multihop_k1", "multihop_k2"):
-        hist = client.get_metric_history(s.eval_run_id, f"{task}/acc")
-        assert sorted(m.step for m in hist) == [1, 4]
-    assert "multihop_k1" in s.loops_table
-    # a served answer
-    assert s.completion["object"] == "text_completion"
-    assert s.completion["usage"]["completion_tokens"] >= 1
-    assert s.completion["mythos"]["n_loops"] == 8
-    assert set(s.stages) == {"pretrain", "sweep", "evaluate", "deploy", "request"}
+    assert len(versions) == 2  # the pretrained model and the sweep's best, compared on val_acc (higher wins)
+    assert float(champ.tags["val_acc"]) == max(float(v.tags["val_acc"]) for v in versions)
+    assert s.champion["pretrained"] is not None and s.champion["pretrained"] > 0.5
+    # looping buys depth: beyond the trained 4 hops, loops = hops solves what 2 loops cannot
+    for task in ("pointer_k6", "pointer_k8"):
+        hist = {m.step: m.value for m in client.get_metric_history(s.eval_run_id, f"{task}/acc")}
+        k = int(task.rsplit("k", 1)[1])
+        assert set(hist) == {2, 8, k}
+        assert hist[k] >= 0.8, hist
+        assert hist[k] >= hist[2] + 0.2, hist
+    assert s.deepest_solved >= 5
+    assert "| 8 |" in s.depth_table and "baseline" in s.depth_table
+    assert s.plot_path.exists() and s.plot_path.stat().st_size > 20_000
+    # the served model answers the 8-hop question right with 8 loops, and not with 2
+    assert [a.n_loops for a in s.answers] == [8, 2]
+    assert s.answers[0].correct and not s.answers[1].correct

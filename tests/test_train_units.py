@@ -108,8 +108,9 @@ def test_deep_supervision_option_adds_the_per_loop_loss():
     model = Mythos(get_variant("debug", act_enabled=False)).train()
     x = torch.randint(0, 256, (2, 9))
     out = model(x[:, :-1], targets=x[:, 1:], n_loops=3, bptt_depth=2, return_loop_logits=True)
-    tcfg = SimpleNamespace(ponder_cost=0.0)
-    plain, deep = _loss(out, x[:, 1:], tcfg, False), _loss(out, x[:, 1:], tcfg, True)
+    tcfg = SimpleNamespace(ponder_cost=0.0, loop_schedule="random", deep_supervision=False)
+    plain = _loss(out, x[:, 1:], tcfg)
+    deep = _loss(out, x[:, 1:], SimpleNamespace(ponder_cost=0.0, loop_schedule="random", deep_supervision=True))
     assert torch.allclose(plain, out.loss + out.aux_loss)
     expected = 0.5 * plain + 0.5 * per_loop_lm_loss(out.loop_logits, x[:, 1:], scheme="linear")
     assert torch.allclose(deep, expected) and len(out.loop_logits) == 2

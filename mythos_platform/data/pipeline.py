@@ -76,7 +76,8 @@ def _generated(cfg: "DataConfig", tokenizer: Any, n_docs: int, stream: int) -> "
 
 
 def pointer_rows(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: int, hops: list[int], chain: int,
-                 labels: str, seed: int, n_symbols: int, hop_marks: bool, stream: int) -> dict[str, np.ndarray]:
+                 labels: str, seed: int, n_symbols: int, hop_marks: bool, stream: int, mark_labels: bool = False,
+                 unmarked_fraction: float = 0.0, unmarked_depth: int | None = None) -> dict[str, np.ndarray]:
     """Ray Data batch function: {"chunk": chunk ids} -> the rows of those chunks' problems (source pointer)."""
     fmt = pointer.PointerFormat(n_symbols, hop_marks)
     length = fmt.prompt_len(max(hops))
@@ -85,11 +86,15 @@ def pointer_rows(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: i
         start = int(c) * docs_per_chunk
         n = min(docs_per_chunk, n_docs - start)
         probs = pointer.problems(n, hops, chain, seed, n_symbols, stream, start_index=start)
-        out.append(fmt.rows(probs, chain, labels, length=length))  # type: ignore[arg-type]
+        marked = [hop_marks and np.random.default_rng([seed & 0xFFFFFFFF, stream, start + i, 11]).random()
+                  >= unmarked_fraction for i in range(n)]
+        out.append(fmt.rows(probs, chain, labels, length=length, mark_labels=mark_labels,  # type: ignore[arg-type]
+                            marked=marked, unmarked_depth=unmarked_depth))
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
-def _pointer(cfg: "DataConfig", n_docs: int, stream: int, hops: list[int], chain: int) -> "ray.data.Dataset":
+def _pointer(cfg: "DataConfig", n_docs: int, stream: int, hops: list[int], chain: int,
+             train: bool = True) -> "ray.data.Dataset":
     import ray.data
 
     n_chunks = -(-n_docs // cfg.docs_per_batch)
@@ -98,7 +103,9 @@ def _pointer(cfg: "DataConfig", n_docs: int, stream: int, hops: list[int], chain
         pointer_rows, batch_format="numpy", batch_size=1, num_cpus=cfg.cpus_per_task,
         fn_kwargs={"n_docs": n_docs, "docs_per_chunk": cfg.docs_per_batch, "hops": hops, "chain": chain,
                    "labels": cfg.loop_labels, "seed": cfg.seed, "n_symbols": cfg.n_symbols,
-                   "hop_marks": cfg.hop_marks, "stream": stream},
+                   "hop_marks": cfg.hop_marks, "stream": stream, "mark_labels": cfg.mark_labels and train,
+                   "unmarked_fraction": cfg.unmarked_fraction if train else 0.0,
+                   "unmarked_depth": cfg.unmarked_depth if cfg.unmarked_depth is not None else cfg.max_hops},
     )
 
 
@@ -119,7 +126,7 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any) -> tuple["ray.data.Dataset
         train = _pointer(cfg, cfg.n_docs, TRAIN_STREAM, list(range(cfg.min_hops, cfg.max_hops + 1)),
                          cfg.resolved_label_loops)
         val_hops = cfg.resolved_val_hops
-        val = _pointer(cfg, cfg.val_docs, VAL_STREAM, [val_hops], val_hops) if cfg.val_docs > 0 else None
+        val = _pointer(cfg, cfg.val_docs, VAL_STREAM, [val_hops], val_hops, train=False) if cfg.val_docs > 0 else None
     elif cfg.source == "generated":
         train = _generated(cfg, tokenizer, cfg.n_docs, TRAIN_STREAM)
         val = _generated(cfg, tokenizer, cfg.val_docs, VAL_STREAM) if cfg.val_docs > 0 else None

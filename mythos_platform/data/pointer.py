@@ -31,6 +31,14 @@ position. Two kinds:
 - "hold": after loop t the label is f^min(t, k)(s): hop until k, then stay.
 
 The final label of a row (what a plain next-token loss trains) is its k-hop answer.
+
+For models that should *stop* at k (hop marks on), two more options (`rows`):
+
+- `mark_labels`: the hop marks are labelled too: mark j (counted from the left) should read
+  ">" (pending) after loops t < j and <pad> (consumed) after t >= j, a fuse that burns one mark
+  per loop from the left, so "are any marks left" is what the answering position must see;
+- `marked` per row: rows without marks get trajectory labels (hop on every loop) for their
+  first `unmarked_depth` loops and no label after; rows with marks get the chosen labels.
 """
 
 from __future__ import annotations
@@ -98,25 +106,29 @@ class PointerFormat:
         return " " + p.answer
 
     # ------------------------------------------------------------------------------ rows
-    def ids(self, p: Problem) -> list[int]:
-        """Token ids of <eos> + prompt + answer (what `pointer_tokenizer` gives for that text)."""
+    def ids(self, p: Problem, marked: bool | None = None) -> list[int]:
+        """Token ids of <eos> + prompt + answer (what `pointer_tokenizer` gives for that text);
+        `marked` overrides hop_marks for this problem."""
         sym = {s: self.symbol_offset + i for i, s in enumerate(self.symbols)}
-        marks = [3] * p.hops if self.hop_marks else []
+        marks = [3] * p.hops if (self.hop_marks if marked is None else marked) else []
         pairs = [self.pair_offset + (sym[a] - self.symbol_offset) * self.n_symbols + sym[b] - self.symbol_offset
                  for a, b in p.pairs]
         return [1, *marks, *pairs, sym[p.start], sym[p.answer]]
 
     def rows(self, problems: Sequence[Problem], n_loops: int, labels: LoopLabels = "trajectory",
-             length: int | None = None) -> dict[str, np.ndarray]:
+             length: int | None = None, mark_labels: bool = False, marked: Sequence[bool] | None = None,
+             unmarked_depth: int | None = None) -> dict[str, np.ndarray]:
         """{"input_ids": (N, L+1), "labels": (N, L), "loop_labels": (N, n_loops, L)} int32 arrays.
 
         `labels` holds each row's k-hop answer at the answering (last) position, -100 elsewhere;
         `loop_labels[:, t]` the label after loop t + 1. Rows shorter than `length` + 1 tokens (fewer
         hop marks) are left-padded with <pad> (default: the longest row). Trajectory labels need
-        every problem's chain to reach n_loops hops (`problems(..., chain=n_loops)`)."""
+        every problem's chain to reach n_loops hops (`problems(..., chain=n_loops)`). `mark_labels`,
+        `marked` and `unmarked_depth`: see the module docstring."""
         if not problems:
             raise ValueError("no problems")
-        seqs = [self.ids(p) for p in problems]
+        marked = [self.hop_marks] * len(problems) if marked is None else list(marked)
+        seqs = [self.ids(p, m) for p, m in zip(problems, marked)]
         L = max(len(s) for s in seqs) - 1 if length is None else length
         if any(len(s) > L + 1 for s in seqs):
             raise ValueError(f"a problem is longer than length={L} tokens")
@@ -127,12 +139,18 @@ class PointerFormat:
         loop_labels = np.full((len(seqs), n_loops, L), IGNORE, dtype=np.int32)
         for i, p in enumerate(problems):
             chain = [p.start, *p.steps]  # chain[j] = f^j(start)
-            for t in range(1, n_loops + 1):
-                j = t if labels == "trajectory" else min(t, p.hops)
+            kind = labels if marked[i] else "trajectory"
+            last = n_loops if marked[i] or unmarked_depth is None else min(n_loops, unmarked_depth)
+            pad = L + 1 - len(self.ids(p, marked[i]))  # mark m is the input at position pad + m
+            for t in range(1, last + 1):
+                j = t if kind == "trajectory" else min(t, p.hops)
                 if j >= len(chain):
                     raise ValueError(f"trajectory labels for {n_loops} loops need chains of >= {n_loops} hops; "
                                      f"problem has {p.hops}")
                 loop_labels[i, t - 1, L - 1] = sym[chain[j]]
+                if mark_labels and marked[i]:
+                    for m in range(1, p.hops + 1):  # pending (">") before loop m, consumed (<pad>) from it
+                        loop_labels[i, t - 1, pad + m] = 0 if t >= m else 3
         return {"input_ids": np.asarray(seqs, dtype=np.int32), "labels": final, "loop_labels": loop_labels}
 
 

@@ -15,6 +15,8 @@ class DepthConfig(Section):
     then score both with lm-eval on pointer_k1..pointer_k<eval_max_hops>: the looped model at every
     loop count of eval_loops and at loops = hops, the baseline in its one pass."""
 
+    name: str = "depth"
+    """Name of the report's MLflow run."""
     root: str = "./runs/depth"
     """Run root of both runs and of the evaluation (one MLflow store)."""
     experiment: str = "mythos-depth"
@@ -25,6 +27,10 @@ class DepthConfig(Section):
     """null: no baseline."""
     baseline_overrides: list[str] = field(default_factory=list)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    eval_loops_per_hop: list[int] = field(default_factory=lambda: [1])
+    """The looped model is also scored at loops = m x hops for each m ([1, 2]: k and 2k loops)."""
+    eval_exit_thresholds: list[float] = field(default_factory=list)
+    """Adaptive exit thresholds (relative state change), capped at the largest of eval_loops."""
     eval_max_hops: int = 16
     """Evaluation tasks pointer_k1..pointer_k<eval_max_hops> (1..16 exist)."""
     eval_limit: int | None = 200
@@ -38,6 +44,10 @@ class DepthConfig(Section):
         self.need(1 <= self.eval_max_hops <= 16, _join(path, "eval_max_hops"), "must be in 1..16", self.eval_max_hops)
         self.need(bool(self.eval_loops) and all(n >= 1 for n in self.eval_loops), _join(path, "eval_loops"),
                   "must be a non-empty list of ints >= 1", self.eval_loops)
+        self.need(1 in self.eval_loops_per_hop and all(m >= 1 for m in self.eval_loops_per_hop),
+                  _join(path, "eval_loops_per_hop"), "must hold 1 (loops = hops) and ints >= 1", self.eval_loops_per_hop)
+        self.need(all(t > 0 for t in self.eval_exit_thresholds), _join(path, "eval_exit_thresholds"),
+                  "must be > 0", self.eval_exit_thresholds)
         self.need(self.eval_limit is None or self.eval_limit >= 1, _join(path, "eval_limit"), "must be >= 1 or null",
                   self.eval_limit)
         self.need(self.eval_cpus_per_task > 0, _join(path, "eval_cpus_per_task"), "must be > 0",

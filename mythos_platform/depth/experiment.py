@@ -27,15 +27,18 @@ class DepthResult:
 
 
 def evaluate_depth(model: str, root: Path, tracking_uri: str, loops: list[int], max_hops: int,
-                   limit: int | None, cpus_per_task: float, run_name: str, looped: bool = True):
-    """lm-eval on pointer_k1..pointer_k<max_hops>: a looped model at `loops` and at loops = hops, a
-    baseline at its single loop. Returns the evaluation job's result."""
+                   limit: int | None, cpus_per_task: float, run_name: str, looped: bool = True,
+                   loops_per_hop: list[int] | None = None, exit_thresholds: list[float] | None = None):
+    """lm-eval on pointer_k1..pointer_k<max_hops>: a looped model at `loops` and at loops = m x hops
+    (m in loops_per_hop, default [1]), with the adaptive exit at each threshold (capped at the
+    largest of `loops`); a baseline at its single loop. Returns the evaluation job's result."""
     from evals.loop_sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(model=model, loops=list(loops) if looped else [1],
                       tasks=[f"pointer_k{k}" for k in range(1, max_hops + 1)], limit=limit,
                       cpus_per_task=cpus_per_task, run_root=str(root), tracking_uri=tracking_uri,
-                      run_name=run_name, loops_equal_hops=looped, bootstrap_iters=0)
+                      run_name=run_name, loops_per_hop=(loops_per_hop or [1]) if looped else [],
+                      exit_thresholds=list(exit_thresholds or []) if looped else [], bootstrap_iters=0)
     return run_sweep(cfg)
 
 
@@ -52,14 +55,16 @@ def run_depth_experiment(cfg: DepthConfig) -> DepthResult:
     runs = run_pretrains([rdt_cfg] + ([base_cfg] if base_cfg is not None else []))
     tracking = runs[0].tracking_uri
     rdt_eval = evaluate_depth(str(runs[0].export_dir), root, tracking, cfg.eval_loops, cfg.eval_max_hops,
-                              cfg.eval_limit, cfg.eval_cpus_per_task, "depth-eval-rdt")
+                              cfg.eval_limit, cfg.eval_cpus_per_task, "depth-eval-rdt", loops_per_hop=cfg.eval_loops_per_hop,
+                              exit_thresholds=cfg.eval_exit_thresholds)
     base_eval = None
     if base_cfg is not None:
         base_eval = evaluate_depth(str(runs[1].export_dir), root, tracking, cfg.eval_loops, cfg.eval_max_hops,
                                    cfg.eval_limit, cfg.eval_cpus_per_task, "depth-eval-baseline", looped=False)
     report = report_from_points(rdt_eval.points, base_eval.points if base_eval else (),
                                 trained_hops=rdt_cfg.data.max_hops, loops=cfg.eval_loops,
-                                n_symbols=rdt_cfg.data.n_symbols, limit=cfg.eval_limit)
+                                n_symbols=rdt_cfg.data.n_symbols, limit=cfg.eval_limit,
+                                loops_per_hop=cfg.eval_loops_per_hop)
     md, csv_text = report.markdown(), report.csv()
     plot_path = report.plot(root / "depth_extrapolation.png")
     (root / "depth_extrapolation.md").write_text(md)
@@ -69,7 +74,7 @@ def run_depth_experiment(cfg: DepthConfig) -> DepthResult:
         params["baseline"] = Mythos(base_cfg.model.build()).num_parameters()
 
     tracker = Tracker(TrackingConfig(experiment=cfg.experiment, tracking_uri=tracking), root)
-    tracker.start(run_name="depth", tags={"mythos.job": "depth", "mythos.rdt_run": runs[0].mlflow_run_id or "",
+    tracker.start(run_name=cfg.name, tags={"mythos.job": "depth", "mythos.rdt_run": runs[0].mlflow_run_id or "",
                                           **git_tags(Path(__file__).resolve().parents[2])})
     tracker.log_params(cfg.to_dict())
     tracker.log_metrics({f"params_{k}": v for k, v in params.items()}, step=0)
@@ -82,6 +87,14 @@ def run_depth_experiment(cfg: DepthConfig) -> DepthResult:
             tracker.log_metrics({"baseline_acc": report.baseline[h]}, step=h)
         if h in report.floor:
             tracker.log_metrics({"shallow_floor": report.floor[h]}, step=h)
+        for m in report.multiples:
+            if (h, m * h) in report.grid:
+                tracker.log_metrics({f"rdt_acc_loops_eq_{m}x_hops": report.grid[(h, m * h)]}, step=h)
+        for t, by_hops in report.exits.items():
+            if h in by_hops:
+                acc, used = by_hops[h]
+                tracker.log_metrics({f"rdt_acc_exit_{t:g}": acc, **({f"rdt_loops_used_exit_{t:g}": used}
+                                                                    if used is not None else {})}, step=h)
     tracker.log_artifact(str(plot_path), artifact_path="plots")
     tracker.log_text(md, "results/depth_extrapolation.md")
     tracker.log_text(csv_text, "results/depth_extrapolation.csv")

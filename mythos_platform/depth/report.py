@@ -26,6 +26,10 @@ class DepthReport:
     n_symbols: int = 16
     loops: list[int] = field(default_factory=list)
     """The fixed loop counts shown as columns."""
+    loops_per_hop: list[int] = field(default_factory=lambda: [1])
+    """Columns at loops = m x hops (m = 1 always shown first)."""
+    exits: dict[float, dict[int, tuple[float, float | None]]] = field(default_factory=dict)
+    """Adaptive exit: per threshold, per hops, (accuracy, mean loops used)."""
 
     @property
     def hops(self) -> list[int]:
@@ -33,6 +37,10 @@ class DepthReport:
 
     def at_loops_equal_hops(self, h: int) -> float | None:
         return self.grid.get((h, h))
+
+    @property
+    def multiples(self) -> list[int]:
+        return [m for m in self.loops_per_hop if m != 1]
 
     def deepest_solved(self, threshold: float = 0.95) -> int:
         """The largest H such that loops = hops scores >= threshold on every hop count 1..H."""
@@ -46,14 +54,20 @@ class DepthReport:
 
     # ------------------------------------------------------------------------------ tables
     def rows(self) -> tuple[list[str], list[list[str]]]:
-        head = ["hops", "loops = hops", *[f"{n} loops" for n in self.loops]]
+        head = ["hops", "loops = hops", *[f"loops = {m} x hops" for m in self.multiples],
+                *[f"{n} loops" for n in self.loops]]
+        head += [f"exit {t:g}: acc @ mean loops" for t in sorted(self.exits)]
         head += ["baseline"] if self.baseline else []
         head += ["shallow floor", "chance"]
         out = []
         for h in self.hops:
             diag = self.at_loops_equal_hops(h)
             row = [f"{h}{'*' if h <= self.trained_hops else ''}", _f(diag)]
+            row += [_f(self.grid.get((h, m * h))) for m in self.multiples]
             row += [_f(self.grid.get((h, n))) for n in self.loops]
+            for t in sorted(self.exits):
+                acc, used = self.exits[t].get(h, (None, None))
+                row.append(f"{_f(acc)} @ {_f(used, 1)}")
             row += [_f(self.baseline.get(h))] if self.baseline else []
             row += [_f(self.floor.get(h)), _f(1 / self.n_symbols)]
             out.append(row)
@@ -91,8 +105,14 @@ class DepthReport:
         for i, n in enumerate(self.loops):
             ax.plot(hops, [self.grid.get((h, n), float("nan")) for h in hops], marker="o", markersize=3,
                     linewidth=1, alpha=0.8, color=cmap(i / max(1, len(self.loops) - 1)), label=f"looped, {n} loops")
-        ax.plot(hops, [self.at_loops_equal_hops(h) or float("nan") for h in hops], color="crimson", linewidth=2.5,
+        ax.plot(hops, [_nan(self.at_loops_equal_hops(h)) for h in hops], color="crimson", linewidth=2.5,
                 marker="D", label="looped, loops = hops")
+        for m in self.multiples:
+            ax.plot(hops, [_nan(self.grid.get((h, m * h))) for h in hops], color="darkorange", linewidth=2,
+                    marker="^", label=f"looped, loops = {m} x hops")
+        for t in sorted(self.exits):
+            ax.plot(hops, [_nan(self.exits[t].get(h, (None,))[0]) for h in hops], color="purple", linewidth=1.5,
+                    marker="x", label=f"looped, adaptive exit {t:g}")
         if self.baseline:
             ax.plot(hops, [self.baseline.get(h, float("nan")) for h in hops], "k--", marker="s",
                     label="baseline (no loop, same parameters)")
@@ -115,19 +135,27 @@ class DepthReport:
         return path
 
 
-def _f(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}"
+def _f(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else v
 
 
 def report_from_points(points: Sequence, baseline_points: Sequence = (), trained_hops: int = 4,
-                       loops: Sequence[int] = (), n_symbols: int = 16, limit: float | None = None) -> DepthReport:
+                       loops: Sequence[int] = (), n_symbols: int = 16, limit: float | None = None,
+                       loops_per_hop: Sequence[int] = (1,)) -> DepthReport:
     """A DepthReport from lm-eval points of pointer_k<hops> tasks (other tasks are ignored)."""
     from evals.loop_sweep import shallow_floor, task_hops
 
-    grid, base, floor = {}, {}, {}
+    grid, base, floor, exits = {}, {}, {}, {}
     for p in points:
         h = task_hops(p.task) if p.task.startswith("pointer_k") else None
-        if h is None or p.exit_threshold is not None or "acc" not in p.metrics:
+        if h is None or "acc" not in p.metrics:
+            continue
+        if p.exit_threshold is not None:
+            exits.setdefault(p.exit_threshold, {})[h] = (p.metrics["acc"], p.mean_loops)
             continue
         grid[(h, p.n_loops)] = p.metrics["acc"]
         fl = shallow_floor(p.task, trained_hops, limit)
@@ -137,4 +165,4 @@ def report_from_points(points: Sequence, baseline_points: Sequence = (), trained
         h = task_hops(p.task) if p.task.startswith("pointer_k") else None
         if h is not None and p.exit_threshold is None and "acc" in p.metrics:
             base[h] = p.metrics["acc"]
-    return DepthReport(grid, base, floor, trained_hops, n_symbols, sorted(set(loops)))
+    return DepthReport(grid, base, floor, trained_hops, n_symbols, sorted(set(loops)), list(loops_per_hop), exits)

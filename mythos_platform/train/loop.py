@@ -303,7 +303,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (loss / tcfg.grad_accum).backward()
             objective = loss - out.aux_loss if out.aux_loss is not None else loss
             step_loss += objective.detach().float().cpu() / tcfg.grad_accum
-            correct, counted = answer_accuracy(out.logits.detach(), targets)
+            # the last loop's labels: under a trajectory longer than the chain they are f^T, not f^k
+            final = loop_labels[:, -1] if tcfg.loop_schedule == "trajectory" else targets
+            correct, counted = answer_accuracy(out.logits.detach(), final)
             window["correct"] += float(correct)
             window["counted"] += float(counted)
             if stats is None and out.state_norms:

@@ -2,7 +2,7 @@
 
 Stopped Tune trials kill their trial actor; the Ray Train controller and its workers are owned by
 it and die with it, and their placement groups are removed (this needs the dashboard's state
-API, see DESIGN.md). `leftovers` reads the cluster state and waits a little for that to settle.
+API). `leftovers` reads the cluster state and waits a little for that to settle.
 """
 
 from __future__ import annotations

@@ -1,0 +1,101 @@
+"""Validation loss against inference loops for a language model trained with random loop counts.
+
+    python benchmarks/loss_vs_loops.py --model runs/debug/export/debug --config jobs/configs/debug.yaml \
+        [--loops 1,2,3,4,6,8,12,16,24,32] [--blocks 64] [--plot docs/loss_vs_loops.png]
+
+The published signature of a working looped LM (Geiping et al. 2025; Prairie et al. 2026) is a
+curve that falls with loops and then stays flat past the trained range, not a U. The validation
+blocks are those the trainer validates on (the config's data section, built without Ray by the
+same batch functions), so the figure at the training mean matches the run's val_loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mythos.checkpoint import load_pretrained  # noqa: E402
+from mythos_platform.config import load_config  # noqa: E402
+from mythos_platform.data.pipeline import VAL_STREAM, generated_blocks  # noqa: E402
+
+
+def val_blocks(cfg, n_blocks: int) -> torch.Tensor:
+    d = cfg.data
+    if d.source != "generated":
+        raise SystemExit("this benchmark reads the generated corpus (data.source=generated)")
+    tok = d.build_tokenizer()
+    out = generated_blocks({"chunk": np.array([0])}, n_docs=d.val_docs, docs_per_chunk=d.val_docs,
+                           hops=list(range(d.min_hops, d.max_hops + 1)), seed=d.seed, n_symbols=d.n_symbols,
+                           stream=VAL_STREAM, tokenizer=tok, seq_len=d.seq_len)["input_ids"]
+    return torch.from_numpy(out[:n_blocks]).long()
+
+
+@torch.no_grad()
+def loss_at(model, blocks: torch.Tensor, n_loops: int, batch: int = 16) -> float:
+    total, n = 0.0, 0
+    for i in range(0, len(blocks), batch):
+        x = blocks[i:i + batch]
+        total += float(model(x[:, :-1], targets=x[:, 1:], n_loops=n_loops).loss) * len(x)
+        n += len(x)
+    return total / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="an exported model folder")
+    ap.add_argument("--config", default="jobs/configs/debug.yaml", help="the config it was trained with")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--loops", default="1,2,3,4,6,8,12,16,24,32")
+    ap.add_argument("--blocks", type=int, default=64, help="validation blocks")
+    ap.add_argument("--plot", default=None, help="write the figure here (PNG)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    cfg = load_config(args.config, args.overrides)
+    model = load_pretrained(args.model).eval()
+    blocks = val_blocks(cfg, args.blocks)
+    loops = [int(x) for x in args.loops.split(",")]
+    mc = model.cfg
+    print(f"model {args.model}: trained with {mc.loop_distribution} loop counts, mean {mc.train_loops_mean}, "
+          f"range {mc.train_loops_min}..{mc.train_loops_max}, bptt {mc.bptt_depth}, ACT {'on' if mc.act_enabled else 'off'}")
+    print(f"{len(blocks)} validation blocks of {blocks.shape[1] - 1} tokens\n")
+    print("| loops | val loss (nats/token) | seconds |\n|---|---|---|")
+    losses = []
+    for n in loops:
+        t0 = time.perf_counter()
+        losses.append(loss_at(model, blocks, n))
+        print(f"| {n} | {losses[-1]:.4f} | {time.perf_counter() - t0:.1f} |", flush=True)
+    best = int(np.argmin(losses))
+    print(f"\nlowest at {loops[best]} loops ({losses[best]:.4f}); at {loops[-1]} loops {losses[-1]:.4f} "
+          f"({losses[-1] - losses[best]:+.4f} from the lowest)")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 4), dpi=110)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot(loops, losses, marker="o")
+        ax.axvspan(mc.train_loops_min, mc.train_loops_max, color="0.9", zorder=0, label="training loop range")
+        ax.axvline(mc.train_loops_mean, color="grey", linestyle=":", label=f"training mean ({mc.train_loops_mean:g})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("inference loops")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title("Validation loss vs inference loops (random loop counts in training)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
