@@ -162,7 +162,8 @@ def needs_preparation(cfg: PretrainConfig) -> bool:
 
 def prepare_model(model: Mythos, cfg: PretrainConfig) -> None:
     """What the config asks of the bare model before it is wrapped: start from a model folder
-    (train.init_from), factor the pair embedding (data.pair_embedding, source pointer)."""
+    (train.init_from), or, for source pointer, pair rows as E[x] + T[y] (data.pair_embedding:
+    free rows initialised so, or factored through training). A model from a folder keeps its rows."""
     if cfg.train.init_from:
         init_from_folder(model, cfg.train.init_from)
     if cfg.data.source == "pointer" and not cfg.train.init_from:
@@ -212,7 +213,9 @@ def validate(model, batches: list[dict[str, torch.Tensor]], device: torch.device
         if "labels" in batch:
             outs = out.loop_logits if trajectory else [out.logits]
             labels = [loop_labels[:, t] for t in range(loops)] if trajectory else [targets]
-            hits = torch.stack([answer_accuracy(o, lab)[0] for o, lab in zip(outs, labels)]).cpu()
+            answer = targets != -100  # per-loop labels may also cover other positions (the marks)
+            hits = torch.stack([answer_accuracy(o, torch.where(answer, lab, -100))[0]
+                                for o, lab in zip(outs, labels)]).cpu()
             correct = hits if correct is None else correct + hits
             counted += answer_accuracy(out.logits, targets)[1].cpu()
     model.train()
@@ -304,7 +307,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             objective = loss - out.aux_loss if out.aux_loss is not None else loss
             step_loss += objective.detach().float().cpu() / tcfg.grad_accum
             # the last loop's labels: under a trajectory longer than the chain they are f^T, not f^k
-            final = loop_labels[:, -1] if tcfg.loop_schedule == "trajectory" else targets
+            final = targets if tcfg.loop_schedule != "trajectory" else \
+                torch.where(targets != -100, loop_labels[:, -1], -100)  # the answer only, not the marks
             correct, counted = answer_accuracy(out.logits.detach(), final)
             window["correct"] += float(correct)
             window["counted"] += float(counted)

@@ -153,6 +153,11 @@ def print_summary(res: PretrainResult) -> None:
     print("\n[mythos] done.")
     if loss is not None:
         print(f"  final loss {loss:.3f}" + (f", validation loss {val:.3f}" if val is not None else ""))
+    if res.metrics.get("val_acc") is not None:
+        loops = sorted(k for k in res.metrics if k.startswith("val_acc_loop_"))
+        curve = " ".join(f"{res.metrics[k]:.2f}" for k in loops)
+        print(f"  validation accuracy {res.metrics['val_acc']:.3f}" + (f" (after loops 1..{len(loops)}: {curve})"
+                                                                      if loops else ""))
     print(f"  exported model : {res.export_dir}")
     print(f"  last checkpoint: {res.checkpoint_path}")
     print(f"  MLflow run     : {res.mlflow_run_id} in {res.tracking_uri}")
