@@ -45,6 +45,7 @@ def test_text_and_ids_agree_with_the_word_level_tokenizer(tmp_path):
 def test_trajectory_and_hold_labels_follow_the_chain():
     fmt = PointerFormat(8)
     probs = pointer.problems(6, [1, 2, 3], 5, seed=3, n_symbols=8, stream=0)
+    assert {p.hops for p in probs} == {1, 2, 3}
     traj = fmt.rows(probs, 5, "trajectory")
     hold = fmt.rows(probs, 5, "hold")
     L = traj["input_ids"].shape[1] - 1
@@ -52,14 +53,34 @@ def test_trajectory_and_hold_labels_follow_the_chain():
     sym = lambda s: fmt.symbol_offset + fmt.symbols.index(s)  # noqa: E731
     for i, p in enumerate(probs):
         chain = [p.start, *p.steps]
-        assert list(traj["loop_labels"][i, :, -1]) == [sym(chain[t]) for t in range(1, 6)]
-        assert list(hold["loop_labels"][i, :, -1]) == [sym(chain[min(t, p.hops)]) for t in range(1, 6)]
-        assert traj["labels"][i, -1] == sym(p.answer) == traj["input_ids"][i, -1]
-        n_pad = L + 1 - len(fmt.ids(p))
-        assert (traj["input_ids"][i, :n_pad] == 0).all() and traj["input_ids"][i, n_pad] == 1  # left-padded, <eos>
-    assert (traj["loop_labels"][:, :, :-1] == IGNORE).all() and (traj["labels"][:, :-1] == IGNORE).all()
+        n = len(fmt.ids(p))
+        pos = n - 2  # the start symbol's position answers
+        assert traj["input_ids"][i, pos] == sym(p.start) and traj["input_ids"][i, pos + 1] == sym(p.answer)
+        assert list(traj["loop_labels"][i, :, pos]) == [sym(chain[t]) for t in range(1, 6)]
+        assert list(hold["loop_labels"][i, :, pos]) == [sym(chain[min(t, p.hops)]) for t in range(1, 6)]
+        assert traj["labels"][i, pos] == sym(p.answer)
+        # padding goes after the answer, where causal attention keeps it from every labelled position
+        assert traj["input_ids"][i, 0] == 1 and (traj["input_ids"][i, n:] == 0).all()
+        others = np.ones(L, dtype=bool)
+        others[pos] = False
+        assert (traj["loop_labels"][i][:, others] == IGNORE).all() and (traj["labels"][i][others] == IGNORE).all()
     with pytest.raises(ValueError, match="need chains of >= 5 hops"):
         fmt.rows(pointer.problems(2, 3, 3, seed=0, n_symbols=8, stream=0), 5, "trajectory")
+
+
+def test_mark_fuse_and_unmarked_rows():
+    fmt = PointerFormat(8)
+    probs = pointer.problems(2, 3, 5, seed=1, n_symbols=8, stream=0)
+    rows = fmt.rows(probs, 5, "hold", mark_labels=True, marked=[True, False], unmarked_depth=2)
+    marks = rows["loop_labels"][0, :, 1:4]  # marks 1..3 sit at positions 1..3, after <eos>
+    assert (rows["input_ids"][0, 1:4] == 3).all()
+    # mark m reads ">" (pending) before loop m and <pad> (consumed) from loop m on: a fuse from the left
+    assert marks.tolist() == [[0, 3, 3], [0, 0, 3], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    chain = [probs[1].start, *probs[1].steps]
+    pos = len(fmt.ids(probs[1], marked=False)) - 2
+    assert 3 not in rows["input_ids"][1].tolist()  # the unmarked row has no marks ...
+    got = rows["loop_labels"][1, :, pos].tolist()  # ... and hops on for unmarked_depth loops, unlabelled after
+    assert got == [fmt.symbol_offset + fmt.symbols.index(chain[t]) for t in (1, 2)] + [IGNORE] * 3
 
 
 def test_ray_data_batch_function_is_deterministic_per_chunk():

@@ -90,3 +90,33 @@ def test_job_rejects_bad_config_before_starting_ray(tmp_path):
     bad = subprocess.run(cmd[:-1] + ["train.parallelism=tp"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "train.parallelism" in bad.stderr and "'fsdp'" in bad.stderr
     assert "Started a local Ray instance" not in out.stderr + bad.stderr
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_trajectory_schedule_on_two_workers(ray_cluster, tmp_path, parallelism):
+    """The reasoning corpus through Ray Data into two workers (DDP or FSDP2), a loss after every loop;
+    the exported folder reads the problem as text."""
+    from mlflow.tracking import MlflowClient
+
+    from mythos.tokenizer import load_tokenizer_from_folder
+
+    sets = {"run.root": str(tmp_path), "run.name": f"traj-{parallelism}", "train.parallelism": parallelism,
+            "train.steps": "16", "train.warmup_steps": "4", "train.log_every": "4", "train.eval_every": "16",
+            "train.batch_size": "8", "checkpoint.every_steps": "16", "data.n_docs": "600", "data.val_docs": "32",
+            "data.val_hops": "6", "data.docs_per_batch": "300", "tracking.experiment": "test-pretrain"}
+    res = run_pretrain(load_config(ROOT / "jobs/configs/reasoning.yaml", [f"{k}={v}" for k, v in sets.items()]))
+    client = MlflowClient(res.tracking_uri)
+    loss = client.get_metric_history(res.mlflow_run_id, "loss")
+    assert [m.step for m in loss] == [4, 8, 12, 16] and loss[-1].value < loss[0].value  # it learns (the format)
+    assert {m.value for m in client.get_metric_history(res.mlflow_run_id, "mean_loops")} == {4.0}  # 4 per step
+    for t in range(1, 7):  # validation: 6-hop problems run for 6 loops, accuracy after each
+        assert client.get_metric_history(res.mlflow_run_id, f"val_acc_loop_{t:02d}")
+    acc = client.get_metric_history(res.mlflow_run_id, "val_acc")[-1].value
+    assert 0.0 <= acc <= 1.0
+    assert read_state(res.checkpoint_path)["step"] == 16
+    model, tok = load_pretrained(res.export_dir), load_tokenizer_from_folder(res.export_dir)
+    assert "parametrizations" not in str(model)  # a plain Mythos
+    ids = [tok.eos_id] + tok.encode("> > ab ba cd dc ef fe gh hg ij ji kl lk mn nm op po a")
+    assert len(ids) == 20 and 2 not in ids  # 1 + 2 marks + 16 pair words + the start symbol, none unknown
+    logits = model(torch.tensor([ids]), n_loops=2).logits
+    assert torch.isfinite(logits).all() and logits.shape == (1, 20, model.cfg.vocab_size)

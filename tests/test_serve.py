@@ -162,6 +162,16 @@ def test_openai_client_completion_and_streaming(server):
     assert resp.usage.prompt_tokens == 5 and 1 <= resp.usage.completion_tokens <= 8
     assert resp.usage.total_tokens == 5 + resp.usage.completion_tokens
     assert resp.model_extra["mythos"]["n_loops"] == 3 and resp.model_extra["mythos"]["loops_used"] == 3
+    # the server puts the end-of-text token before the prompt (the start-of-document signal, as
+    # the lm-eval adapter does), and does not count it in usage
+    from mythos.generation import generate
+
+    torch.manual_seed(0)
+    tok, local = ByteTokenizer(), Mythos(get_variant("debug")).eval()
+    with torch.no_grad():
+        want = generate(local, [[tok.eos_id, *tok.encode("Hello")]], max_new_tokens=8, temperature=0.0, n_loops=3,
+                        stop_tokens=(tok.eos_id,))
+    assert resp.choices[0].text == tok.decode(want.tokens[0])
     chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"n_loops": 3}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)

@@ -120,37 +120,40 @@ class PointerFormat:
              unmarked_depth: int | None = None) -> dict[str, np.ndarray]:
         """{"input_ids": (N, L+1), "labels": (N, L), "loop_labels": (N, n_loops, L)} int32 arrays.
 
-        `labels` holds each row's k-hop answer at the answering (last) position, -100 elsewhere;
-        `loop_labels[:, t]` the label after loop t + 1. Rows shorter than `length` + 1 tokens (fewer
-        hop marks) are left-padded with <pad> (default: the longest row). Trajectory labels need
-        every problem's chain to reach n_loops hops (`problems(..., chain=n_loops)`). `mark_labels`,
-        `marked` and `unmarked_depth`: see the module docstring."""
+        `labels` holds each row's k-hop answer at its answering position (the start symbol), -100
+        elsewhere; `loop_labels[:, t]` the label after loop t + 1. Rows shorter than `length` + 1
+        tokens (fewer hop marks) are padded with <pad> on the *right*, after the answer: causal
+        attention keeps the padding out of every labelled position, so the model never sees how
+        much padding a row has (left padding would tell it the hop count). Default length: the
+        longest row. Trajectory labels need every problem's chain to reach n_loops hops
+        (`problems(..., chain=n_loops)`). `mark_labels`, `marked` and `unmarked_depth`: see the
+        module docstring."""
         if not problems:
             raise ValueError("no problems")
         marked = [self.hop_marks] * len(problems) if marked is None else list(marked)
-        seqs = [self.ids(p, m) for p, m in zip(problems, marked)]
-        L = max(len(s) for s in seqs) - 1 if length is None else length
-        if any(len(s) > L + 1 for s in seqs):
+        raw = [self.ids(p, m) for p, m in zip(problems, marked)]
+        L = max(len(r) for r in raw) - 1 if length is None else length
+        if any(len(r) > L + 1 for r in raw):
             raise ValueError(f"a problem is longer than length={L} tokens")
-        seqs = [[0] * (L + 1 - len(s)) + s for s in seqs]
+        seqs = [r + [0] * (L + 1 - len(r)) for r in raw]
         sym = {s: self.symbol_offset + i for i, s in enumerate(self.symbols)}
         final = np.full((len(seqs), L), IGNORE, dtype=np.int32)
-        final[:, L - 1] = [s[-1] for s in seqs]
         loop_labels = np.full((len(seqs), n_loops, L), IGNORE, dtype=np.int32)
         for i, p in enumerate(problems):
+            pos = len(raw[i]) - 2  # the start symbol: its output is the answer
+            final[i, pos] = raw[i][-1]
             chain = [p.start, *p.steps]  # chain[j] = f^j(start)
             kind = labels if marked[i] else "trajectory"
             last = n_loops if marked[i] or unmarked_depth is None else min(n_loops, unmarked_depth)
-            pad = L + 1 - len(self.ids(p, marked[i]))  # mark m is the input at position pad + m
             for t in range(1, last + 1):
                 j = t if kind == "trajectory" else min(t, p.hops)
                 if j >= len(chain):
                     raise ValueError(f"trajectory labels for {n_loops} loops need chains of >= {n_loops} hops; "
                                      f"problem has {p.hops}")
-                loop_labels[i, t - 1, L - 1] = sym[chain[j]]
+                loop_labels[i, t - 1, pos] = sym[chain[j]]
                 if mark_labels and marked[i]:
-                    for m in range(1, p.hops + 1):  # pending (">") before loop m, consumed (<pad>) from it
-                        loop_labels[i, t - 1, pad + m] = 0 if t >= m else 3
+                    for m in range(1, p.hops + 1):  # mark m is the input at position m (after <eos>):
+                        loop_labels[i, t - 1, m] = 0 if t >= m else 3  # pending (">"), consumed (<pad>) from loop m
         return {"input_ids": np.asarray(seqs, dtype=np.int32), "labels": final, "loop_labels": loop_labels}
 
 
