@@ -11,6 +11,8 @@ Model arguments:
     n_loops         recurrent iterations per forward pass (default: the config's n_loops)
     exit_threshold  adaptive exit: stop looping once every position's relative state change is
                     below it (or every position has halted, with ACT); n_loops is then the cap.
+    exit_on         "all" positions must converge (default), or only the "last" of each sequence,
+                    the one a one-token continuation is scored from (loglikelihood requests)
                     `mean_loops_used` reports what was actually run. None = always n_loops.
     batch_size      sequences per forward pass ("auto" = 32)
     device, dtype   "cpu" / "cuda" / "cuda:0"; "float32" / "bfloat16" / "float16" / "auto"
@@ -91,6 +93,7 @@ class MythosLM(TemplateLM):
         pretrained: str | None = None,
         n_loops: int | None = None,
         exit_threshold: float | None = None,
+        exit_on: str = "all",
         batch_size: int | str | None = DEFAULT_BATCH,
         max_batch_size: int | None = None,
         device: str | None = None,
@@ -106,7 +109,7 @@ class MythosLM(TemplateLM):
         super().__init__()
         if unknown:
             raise TypeError(
-                f"mythos: unknown model argument(s) {sorted(unknown)}; allowed: pretrained, n_loops, exit_threshold, "
+                f"mythos: unknown model argument(s) {sorted(unknown)}; allowed: pretrained, n_loops, exit_threshold, exit_on, "
                 "batch_size, max_batch_size, device, dtype, tracking_uri, prefix_token, max_gen_toks, progress")
         pretrained, tracking_uri = _none(pretrained), _none(tracking_uri)
         device = _none(device) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,6 +141,9 @@ class MythosLM(TemplateLM):
             raise ValueError(f"mythos: n_loops must be >= 1, got {n_loops!r}")
         exit_threshold = _none(exit_threshold)
         self.exit_threshold = float(exit_threshold) if exit_threshold is not None else None
+        self.exit_on = str(exit_on)
+        if self.exit_on not in ("all", "last"):
+            raise ValueError(f"mythos: exit_on must be 'all' or 'last', got {exit_on!r}")
         if self.exit_threshold is not None and self.exit_threshold < 0:
             raise ValueError(f"mythos: exit_threshold must be >= 0, got {exit_threshold!r}")
         batch_size = _none(batch_size)
@@ -208,7 +214,8 @@ class MythosLM(TemplateLM):
         ids = torch.full((len(seqs), width), int(self.tok.pad_id), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        out = self.model(ids.to(self._device), n_loops=self.n_loops, exit_threshold=self.exit_threshold)
+        out = self.model(ids.to(self._device), n_loops=self.n_loops, exit_threshold=self.exit_threshold,
+                         exit_on=self.exit_on)
         self._count_loops(out.loops_used, len(seqs))
         return out.logits
 

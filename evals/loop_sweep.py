@@ -98,6 +98,8 @@ class SweepConfig:
     """Task, tag or group names: local ones (evals/tasks) or lm-eval stock tasks."""
     exit_thresholds: list[float] = field(default_factory=list)
     """Adaptive exit thresholds, each run with n_loops = exit_max_loops as the cap."""
+    exit_on: str = "all"
+    """Adaptive exit: "all" positions converge, or the "last" of each sequence (one-token answers)."""
     exit_max_loops: int | None = None
     """Loop cap of the adaptive runs (default: the largest of `loops`)."""
     limit: float | None = None
@@ -123,6 +125,8 @@ class SweepConfig:
             raise ValueError(f"loops must be positive ints, got {self.loops!r}")
         if any(t < 0 for t in self.exit_thresholds):
             raise ValueError(f"exit thresholds must be >= 0, got {self.exit_thresholds!r}")
+        if self.exit_on not in ("all", "last"):
+            raise ValueError(f"exit_on must be 'all' or 'last', got {self.exit_on!r}")
         if self.exit_max_loops is not None and self.exit_max_loops < 1:
             raise ValueError(f"exit_max_loops must be >= 1, got {self.exit_max_loops}")
         if self.cpus_per_task <= 0:
@@ -180,7 +184,8 @@ def evaluate_points(model_dir: str, tasks: Sequence[str], n_loops: int, exit_thr
     from .lm_model import MythosLM
 
     t0 = time.perf_counter()
-    lm = MythosLM(pretrained=model_dir, n_loops=n_loops, exit_threshold=exit_threshold, batch_size=cfg.batch_size,
+    lm = MythosLM(pretrained=model_dir, n_loops=n_loops, exit_threshold=exit_threshold, exit_on=cfg.exit_on,
+                  batch_size=cfg.batch_size,
                   device=cfg.device, dtype=cfg.dtype, progress=False)
     summary = evaluate_tasks(lm, list(tasks), cfg.include_path, stock=bool(stock & set(tasks)), limit=cfg.limit,
                              bootstrap_iters=cfg.bootstrap_iters)

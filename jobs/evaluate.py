@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--loops", default="1,2,4,8,16,32", help="inference loop counts, e.g. 1,2,4,8")
     ap.add_argument("--tasks", default="multihop", help="task / tag names, comma separated")
     ap.add_argument("--exit-thresholds", default="", help="adaptive-exit thresholds, e.g. 0.01,0.05 (default: none)")
+    ap.add_argument("--exit-on", default="all", choices=["all", "last"],
+                    help="adaptive exit: all positions must converge, or the last of each sequence")
     ap.add_argument("--exit-max-loops", type=int, default=None,
                     help="loop cap of the adaptive runs (default: the largest of --loops)")
     ap.add_argument("--loops-per-hop", default="",
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SweepConfig(
             model=args.model, loops=parse_list(args.loops), tasks=parse_list(args.tasks, str),
             exit_thresholds=parse_list(args.exit_thresholds, float), exit_max_loops=args.exit_max_loops,
-            loops_per_hop=parse_list(args.loops_per_hop),
+            loops_per_hop=parse_list(args.loops_per_hop), exit_on=args.exit_on,
             limit=limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
             cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, include_path=args.include_path,
             run_root=args.run_root, tracking_uri=args.tracking_uri, experiment=args.experiment,

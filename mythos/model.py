@@ -139,6 +139,7 @@ class Mythos(nn.Module):
         last_logits_only: bool = False,
         collect_stats: bool = False,
         return_loop_logits: bool = False,
+        exit_on: str = "all",
     ) -> MythosOutput:
         """input_ids (B, S) -> MythosOutput.
 
@@ -152,6 +153,8 @@ class Mythos(nn.Module):
             cache was prefilled with raises CacheError (unless the cache shares loops).
         exit_threshold: inference only; stop looping once every position's relative state
             change is below it (or every position has halted, with ACT).
+        exit_on: "all" positions must converge, or only the "last" of each row (the one a
+            one-token answer is read from; the others keep their state at the exit).
         """
         cfg = self.cfg
         n_loops = cfg.n_loops if n_loops is None else n_loops
@@ -181,8 +184,10 @@ class Mythos(nn.Module):
             d, a = block(x, rope, mask, cache.slot("prelude", i) if cache is not None else None, start)
             x, aux = x + d, aux + a
         e = self.e_norm(x)
+        if exit_on not in ("all", "last"):
+            raise ValueError(f"exit_on must be 'all' or 'last', got {exit_on!r}")
         rec = self.core(e, rope, mask, n_loops, bptt_depth, cache, start, exit_threshold, collect_stats,
-                        keep_loop_states=return_loop_logits)
+                        keep_loop_states=return_loop_logits, exit_on=exit_on)
         aux = aux + rec.aux_loss
 
         def coda_head(h: torch.Tensor, use_cache: bool) -> torch.Tensor:

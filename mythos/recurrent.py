@@ -8,8 +8,9 @@ In training only the last `bptt_depth` iterations are under autograd (truncated
 backpropagation through the loop); earlier ones run under no_grad.
 
 Inference may exit early (`exit_threshold`): once every position's relative state change
-|h_{t+1} - h_t| / |h_{t+1}| drops below the threshold, or, with ACT, once every position has
-halted. With a KV cache the skipped iterations' slots get the last computed entries for these
+|h_{t+1} - h_t| / |h_{t+1}| drops below the threshold (`exit_on="last"`: the last position of
+each row, the one whose output a one-token answer is read from), or, with ACT, once every
+position has halted. With a KV cache the skipped iterations' slots get the last computed entries for these
 positions (the "latest entry" rule of Huginn's cache sharing), so later tokens decoded with
 more loops still find keys and values for every iteration.
 """
@@ -79,6 +80,7 @@ class RecurrentBlock(nn.Module):
         exit_threshold: float | None = None,
         collect_stats: bool = False,
         keep_loop_states: bool = False,
+        exit_on: str = "all",
     ) -> RecurrentOutput:
         cfg = self.cfg
         grad = torch.is_grad_enabled()
@@ -106,7 +108,8 @@ class RecurrentBlock(nn.Module):
                 last = t == n_loops - 1
                 converged = False
                 if exit_threshold is not None and not last and not grad:
-                    change = (h_new - h).float().norm(dim=-1) / h_new.float().norm(dim=-1).clamp_min(1e-6)
+                    a, b = (h_new[:, -1:], h[:, -1:]) if exit_on == "last" else (h_new, h)
+                    change = (a - b).float().norm(dim=-1) / a.float().norm(dim=-1).clamp_min(1e-6)
                     converged = bool(change.max() < exit_threshold)
                 if act is not None:
                     act.step(h_new, last=last or converged)

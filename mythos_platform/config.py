@@ -325,6 +325,12 @@ class DataConfig(Section):
     trajectory labels (hop on every loop) for their first unmarked_depth loops."""
     unmarked_depth: int | None = None
     """pointer: loops labelled on unmarked rows; null: max_hops."""
+    fixed_point_fraction: float = 0.0
+    """pointer (hop marks on): share of training problems with max_hops+1..fixed_point_max_hops marks
+    whose chain reaches a fixed point within max_hops hops: long mark strings to train a stop
+    signal on, while no answer needs more than max_hops distinct hops."""
+    fixed_point_max_hops: int = 16
+    """pointer: the most marks a fixed-point problem has."""
     val_hops: int | None = None
     """pointer: hop count of the validation problems, deeper than training to measure extrapolation
     (their labels run to val_hops loops); null: 2 * max_hops."""
@@ -365,6 +371,10 @@ class DataConfig(Section):
         self.need(self.unmarked_fraction == 0.0 or self.hop_marks, p("unmarked_fraction"),
                   "needs hop_marks: true (without marks every row is unmarked)", self.unmarked_fraction)
         self.need(not self.mark_labels or self.hop_marks, p("mark_labels"), "needs hop_marks: true", self.mark_labels)
+        self.need(0.0 <= self.fixed_point_fraction < 1.0, p("fixed_point_fraction"), "must be in [0, 1)",
+                  self.fixed_point_fraction)
+        self.need(self.fixed_point_fraction == 0.0 or self.fixed_point_max_hops > self.max_hops,
+                  p("fixed_point_max_hops"), f"must be > max_hops={self.max_hops}", self.fixed_point_max_hops)
         self.need(self.unmarked_depth is None or self.unmarked_depth >= 1, p("unmarked_depth"),
                   "must be >= 1 or null", self.unmarked_depth)
         self.need((self.source == "pointer") == (self.tokenizer == "pointer"), p("tokenizer"),
@@ -648,7 +658,10 @@ class PretrainConfig(Section):
         d, fmt = self.data, self.data.pointer_format()
         self.need(model.vocab_size >= fmt.vocab_size, _join(path, "model.overrides.vocab_size"),
                   f"must be >= {fmt.vocab_size} for {d.n_symbols} symbols", model.vocab_size)
-        for key, hops in (("max_hops", d.max_hops), ("val_hops", d.resolved_val_hops)):
+        longest = [("max_hops", d.max_hops), ("val_hops", d.resolved_val_hops)]
+        if d.fixed_point_fraction > 0:
+            longest.append(("fixed_point_max_hops", d.fixed_point_max_hops))
+        for key, hops in longest:
             self.need(fmt.prompt_len(hops) <= model.max_seq_len, _join(path, f"data.{key}"),
                       f"a {hops}-hop problem is {fmt.prompt_len(hops)} tokens, more than the model's "
                       f"max_seq_len={model.max_seq_len} (raise model.overrides.max_seq_len)", hops)

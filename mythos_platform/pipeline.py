@@ -276,9 +276,8 @@ def print_summary(s: PipelineSummary, metric: str = "val_acc") -> None:
     if s.tracking_uri.startswith("sqlite:"):
         print(f"\nopen MLflow:    mlflow ui --backend-store-uri {s.tracking_uri} --host 127.0.0.1 --port 5000")
     prompt = s.question["prompt"]
-    print(f"query the API:  curl {s.url}/v1/completions -H 'Content-Type: application/json' -d "
-          + json.dumps(json.dumps({"model": s.model_name, "prompt": prompt, "max_tokens": 1,
-                                   "n_loops": s.question["hops"]}))[1:-1].replace("\\\"", "\"").join("''"))
+    body = json.dumps({"model": s.model_name, "prompt": prompt, "max_tokens": 1, "n_loops": s.question["hops"]})
+    print(f"query the API:  curl {s.url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
     print(f"\nthe served model, asked a {s.question['hops']}-hop question (held out; the answer is "
           f"{s.question['answer'].strip()!r}):")
     print(f"  {prompt}")

@@ -83,3 +83,24 @@ def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_pat
     # the served model answers the 8-hop question right with 8 loops, and not with 2
     assert [a.n_loops for a in s.answers] == [8, 2]
     assert s.answers[0].correct and not s.answers[1].correct
+
+
+def test_summary_says_what_was_compared_and_ends_with_the_served_answers(capsys, tmp_path):
+    from mythos_platform.pipeline import Answer, PipelineSummary, print_summary
+
+    q = question(8)
+    s = PipelineSummary(tmp_path, "sqlite:///x.db", {"pretrain": 60.0, "sweep": 30.0}, "p", "s", "e",
+                        {"pretrained": 0.99, "version": "2", "pretrained_version": "1", "sweep_best": 1.0,
+                         "sweep_trial": "t3", "sweep_version": "2"},
+                        "| hops | loops = hops |\n", tmp_path / "plot.png", 16, 4, "http://127.0.0.1:8000", "mythos-rdt",
+                        q, [Answer(8, " k", 8, True), Answer(2, " p", 2, False)])
+    print_summary(s)
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert "pretrained model val_acc 0.990, best sweep trial (t3) val_acc 1.000 -> champion: the sweep's best " \
+           "trial (models:/mythos-rdt@champion = version 2)" in "\n".join(out)
+    assert "solves every depth up to 16 hops at >= 0.95 (4x the trained depth)" in "\n".join(out)
+    assert out[-3].strip() == q["prompt"]
+    assert out[-2].split() == ["n_loops=8", "->", "'k'", "(right)"]
+    assert out[-1].split() == ["n_loops=2", "->", "'p'", "(wrong)"]
+    curl = next(line for line in out if line.startswith("query the API"))
+    assert '"n_loops": 8' in curl and q["prompt"] in curl and "-d '{" in curl

@@ -161,3 +161,19 @@ def test_input_gain_init_scales_the_injected_input():
     assert model.e_norm(x).pow(2).mean().sqrt().item() == pytest.approx(0.1, rel=1e-3)
     with pytest.raises(Exception, match="input_gain_init"):
         get_variant("debug").replace(input_gain_init=0.0)
+
+
+def test_exit_on_last_position_checks_only_the_answering_state():
+    torch.manual_seed(0)
+    model = Mythos(get_variant("debug", act_enabled=False)).eval()
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        for thr in (0.3, 0.1, 0.03):
+            every = model(x, n_loops=24, exit_threshold=thr)
+            last = model(x, n_loops=24, exit_threshold=thr, exit_on="last")
+            assert 1 <= last.loops_used <= every.loops_used <= 24  # fewer states to wait for
+            # exiting after t loops gives exactly the t-loop forward pass
+            assert torch.allclose(last.logits, model(x, n_loops=last.loops_used).logits, atol=1e-5)
+        assert model(x, n_loops=8, exit_threshold=float("inf"), exit_on="last").loops_used == 1
+    with pytest.raises(ValueError, match="exit_on must be 'all' or 'last'"):
+        model(x, n_loops=2, exit_threshold=0.1, exit_on="first")

@@ -77,15 +77,25 @@ def _generated(cfg: "DataConfig", tokenizer: Any, n_docs: int, stream: int) -> "
 
 def pointer_rows(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: int, hops: list[int], chain: int,
                  labels: str, seed: int, n_symbols: int, hop_marks: bool, stream: int, mark_labels: bool = False,
-                 unmarked_fraction: float = 0.0, unmarked_depth: int | None = None) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {"chunk": chunk ids} -> the rows of those chunks' problems (source pointer)."""
+                 unmarked_fraction: float = 0.0, unmarked_depth: int | None = None, fixed_point_fraction: float = 0.0,
+                 fixed_point_hops: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: {"chunk": chunk ids} -> the rows of those chunks' problems (source pointer).
+    A `fixed_point_fraction` of the problems instead have hop counts from `fixed_point_hops` and a map
+    whose chain reaches a fixed point within max(hops) hops (`pointer.with_fixed_point`)."""
     fmt = pointer.PointerFormat(n_symbols, hop_marks)
-    length = fmt.prompt_len(max(hops))
+    length = fmt.prompt_len(max([*hops, *(fixed_point_hops or [])]))
     out = []
     for c in batch["chunk"]:
         start = int(c) * docs_per_chunk
         n = min(docs_per_chunk, n_docs - start)
         probs = pointer.problems(n, hops, chain, seed, n_symbols, stream, start_index=start)
+        if fixed_point_fraction > 0:
+            for i in range(n):
+                rng = np.random.default_rng([seed & 0xFFFFFFFF, stream, start + i, 13])
+                if rng.random() < fixed_point_fraction:
+                    k = int(rng.choice(fixed_point_hops))
+                    deep = pointer.chain_problem(start + i, k, chain, seed, n_symbols, stream)
+                    probs[i] = pointer.with_fixed_point(deep, max(hops), rng, chain)
         marked = [hop_marks and np.random.default_rng([seed & 0xFFFFFFFF, stream, start + i, 11]).random()
                   >= unmarked_fraction for i in range(n)]
         out.append(fmt.rows(probs, chain, labels, length=length, mark_labels=mark_labels,  # type: ignore[arg-type]
@@ -105,7 +115,9 @@ def _pointer(cfg: "DataConfig", n_docs: int, stream: int, hops: list[int], chain
                    "labels": cfg.loop_labels, "seed": cfg.seed, "n_symbols": cfg.n_symbols,
                    "hop_marks": cfg.hop_marks, "stream": stream, "mark_labels": cfg.mark_labels and train,
                    "unmarked_fraction": cfg.unmarked_fraction if train else 0.0,
-                   "unmarked_depth": cfg.unmarked_depth if cfg.unmarked_depth is not None else cfg.max_hops},
+                   "unmarked_depth": cfg.unmarked_depth if cfg.unmarked_depth is not None else cfg.max_hops,
+                   "fixed_point_fraction": cfg.fixed_point_fraction if train else 0.0,
+                   "fixed_point_hops": list(range(cfg.max_hops + 1, cfg.fixed_point_max_hops + 1))},
     )
 
 

@@ -39,6 +39,9 @@ For models that should *stop* at k (hop marks on), two more options (`rows`):
   per loop from the left, so "are any marks left" is what the answering position must see;
 - `marked` per row: rows without marks get trajectory labels (hop on every loop) for their
   first `unmarked_depth` loops and no label after; rows with marks get the chosen labels.
+- `with_fixed_point`: a problem whose chain reaches a fixed point within a few hops, so a long
+  mark string can be trained (the fuse burns through all of it) while the answer needs no more
+  hops than the trained depth.
 """
 
 from __future__ import annotations
@@ -162,6 +165,21 @@ def chain_problem(index: int, hops: int, chain: int, seed: int, n_symbols: int, 
     (so trajectory labels can run past the stated hop count)."""
     p = generate_problem(index, max(hops, chain), seed, n_symbols, stream)
     return Problem(pairs=p.pairs, start=p.start, hops=hops, answer=p.steps[hops - 1], steps=p.steps)
+
+
+def with_fixed_point(p: Problem, within: int, rng: np.random.Generator, chain: int) -> Problem:
+    """`p` with its map changed so that the chain from the start reaches a fixed point (f(x) = x)
+    after j <= `within` hops: then f^k(start) is the same for every k >= j, and a row of many hop
+    marks needs no more than `within` distinct hops."""
+    j = int(rng.integers(1, within + 1))
+    x = p.steps[j - 1]  # f^j(start)
+    f = {a: (a if a == x else b) for a, b in p.pairs}
+    pairs = tuple((a, f[a]) for a, _ in p.pairs)
+    steps, cur = [], p.start
+    for _ in range(max(p.hops, chain)):
+        cur = f[cur]
+        steps.append(cur)
+    return Problem(pairs=pairs, start=p.start, hops=p.hops, answer=steps[p.hops - 1], steps=tuple(steps))
 
 
 def problems(n: int, hops: int | Sequence[int], chain: int, seed: int, n_symbols: int, stream: int,

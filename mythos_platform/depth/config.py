@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..config import PretrainConfig, Section, _join, load_config
 
@@ -31,6 +32,8 @@ class DepthConfig(Section):
     """The looped model is also scored at loops = m x hops for each m ([1, 2]: k and 2k loops)."""
     eval_exit_thresholds: list[float] = field(default_factory=list)
     """Adaptive exit thresholds (relative state change), capped at the largest of eval_loops."""
+    eval_exit_on: Literal["all", "last"] = "last"
+    """Which positions must converge for the exit: all, or the answering (last) one."""
     eval_max_hops: int = 16
     """Evaluation tasks pointer_k1..pointer_k<eval_max_hops> (1..16 exist)."""
     eval_limit: int | None = 200

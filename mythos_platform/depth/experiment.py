@@ -28,7 +28,8 @@ class DepthResult:
 
 def evaluate_depth(model: str, root: Path, tracking_uri: str, loops: list[int], max_hops: int,
                    limit: int | None, cpus_per_task: float, run_name: str, looped: bool = True,
-                   loops_per_hop: list[int] | None = None, exit_thresholds: list[float] | None = None):
+                   loops_per_hop: list[int] | None = None, exit_thresholds: list[float] | None = None,
+                   exit_on: str = "all"):
     """lm-eval on pointer_k1..pointer_k<max_hops>: a looped model at `loops` and at loops = m x hops
     (m in loops_per_hop, default [1]), with the adaptive exit at each threshold (capped at the
     largest of `loops`); a baseline at its single loop. Returns the evaluation job's result."""
@@ -38,7 +39,8 @@ def evaluate_depth(model: str, root: Path, tracking_uri: str, loops: list[int], 
                       tasks=[f"pointer_k{k}" for k in range(1, max_hops + 1)], limit=limit,
                       cpus_per_task=cpus_per_task, run_root=str(root), tracking_uri=tracking_uri,
                       run_name=run_name, loops_per_hop=(loops_per_hop or [1]) if looped else [],
-                      exit_thresholds=list(exit_thresholds or []) if looped else [], bootstrap_iters=0)
+                      exit_thresholds=list(exit_thresholds or []) if looped else [], exit_on=exit_on,
+                      bootstrap_iters=0)
     return run_sweep(cfg)
 
 
@@ -56,7 +58,7 @@ def run_depth_experiment(cfg: DepthConfig) -> DepthResult:
     tracking = runs[0].tracking_uri
     rdt_eval = evaluate_depth(str(runs[0].export_dir), root, tracking, cfg.eval_loops, cfg.eval_max_hops,
                               cfg.eval_limit, cfg.eval_cpus_per_task, "depth-eval-rdt", loops_per_hop=cfg.eval_loops_per_hop,
-                              exit_thresholds=cfg.eval_exit_thresholds)
+                              exit_thresholds=cfg.eval_exit_thresholds, exit_on=cfg.eval_exit_on)
     base_eval = None
     if base_cfg is not None:
         base_eval = evaluate_depth(str(runs[1].export_dir), root, tracking, cfg.eval_loops, cfg.eval_max_hops,
