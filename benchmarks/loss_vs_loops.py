@@ -1,7 +1,7 @@
 """Validation loss against inference loops for a language model trained with random loop counts.
 
-    python benchmarks/loss_vs_loops.py --model runs/debug/export/debug --config jobs/configs/debug.yaml \
-        [--loops 1,2,3,4,6,8,12,16,24,32] [--blocks 64] [--plot docs/loss_vs_loops.png]
+    python benchmarks/loss_vs_loops.py --model runs/debug/export/debug [--model another/export ...] \
+        [--config jobs/configs/debug.yaml] [--loops 1,2,3,4,6,8,12,16,24,32] [--blocks 64] [--plot docs/loss_vs_loops.png]
 
 The published signature of a working looped LM (Geiping et al. 2025; Prairie et al. 2026) is a
 curve that falls with loops and then stays flat past the trained range, not a U. The validation
@@ -49,7 +49,7 @@ def loss_at(model, blocks: torch.Tensor, n_loops: int, batch: int = 16) -> float
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="an exported model folder")
+    ap.add_argument("--model", action="append", required=True, help="an exported model folder (repeatable)")
     ap.add_argument("--config", default="jobs/configs/debug.yaml", help="the config it was trained with")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--loops", default="1,2,3,4,6,8,12,16,24,32")
@@ -58,22 +58,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cfg = load_config(args.config, args.overrides)
-    model = load_pretrained(args.model).eval()
     blocks = val_blocks(cfg, args.blocks)
     loops = [int(x) for x in args.loops.split(",")]
-    mc = model.cfg
-    print(f"model {args.model}: trained with {mc.loop_distribution} loop counts, mean {mc.train_loops_mean}, "
-          f"range {mc.train_loops_min}..{mc.train_loops_max}, bptt {mc.bptt_depth}, ACT {'on' if mc.act_enabled else 'off'}")
-    print(f"{len(blocks)} validation blocks of {blocks.shape[1] - 1} tokens\n")
-    print("| loops | val loss (nats/token) | seconds |\n|---|---|---|")
-    losses = []
-    for n in loops:
-        t0 = time.perf_counter()
-        losses.append(loss_at(model, blocks, n))
-        print(f"| {n} | {losses[-1]:.4f} | {time.perf_counter() - t0:.1f} |", flush=True)
-    best = int(np.argmin(losses))
-    print(f"\nlowest at {loops[best]} loops ({losses[best]:.4f}); at {loops[-1]} loops {losses[-1]:.4f} "
-          f"({losses[-1] - losses[best]:+.4f} from the lowest)")
+    curves = {}
+    for folder in args.model:
+        model = load_pretrained(folder).eval()
+        mc = model.cfg
+        print(f"\nmodel {folder}: trained with {mc.loop_distribution} loop counts, mean {mc.train_loops_mean}, "
+              f"range {mc.train_loops_min}..{mc.train_loops_max}, bptt {mc.bptt_depth}, "
+              f"ACT {'on' if mc.act_enabled else 'off'}; {len(blocks)} validation blocks of {blocks.shape[1] - 1} tokens")
+        print("| loops | val loss (nats/token) | seconds |\n|---|---|---|")
+        losses = []
+        for n in loops:
+            t0 = time.perf_counter()
+            losses.append(loss_at(model, blocks, n))
+            print(f"| {n} | {losses[-1]:.4f} | {time.perf_counter() - t0:.1f} |", flush=True)
+        best = int(np.argmin(losses))
+        print(f"lowest at {loops[best]} loops ({losses[best]:.4f}); at {loops[-1]} loops {losses[-1]:.4f} "
+              f"({losses[-1] - losses[best]:+.4f} from the lowest); 1 loop {losses[0]:.4f}")
+        curves[f"{Path(folder).name} (ACT {'on' if mc.act_enabled else 'off'})"] = losses
     if args.plot:
         import matplotlib
 
@@ -82,15 +85,20 @@ def main(argv: list[str] | None = None) -> int:
 
         fig = Figure(figsize=(6, 4), dpi=110)
         ax = fig.add_subplot(1, 1, 1)
-        ax.plot(loops, losses, marker="o")
+        for label, losses in curves.items():
+            ax.plot(loops, losses, marker="o", label=label)
         ax.axvspan(mc.train_loops_min, mc.train_loops_max, color="0.9", zorder=0, label="training loop range")
         ax.axvline(mc.train_loops_mean, color="grey", linestyle=":", label=f"training mean ({mc.train_loops_mean:g})")
+        lo = min(min(v) for v in curves.values())
+        hi = max(max(v) for v in curves.values())
+        mid, half = (lo + hi) / 2, max((hi - lo) / 2 * 1.2, 0.05)  # at least 0.1 nats tall: noise stays flat
+        ax.set_ylim(mid - half, mid + half)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("inference loops")
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title("Validation loss vs inference loops (random loop counts in training)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.plot)
         print(f"plot: {args.plot}")

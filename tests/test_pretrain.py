@@ -101,19 +101,19 @@ def test_trajectory_schedule_on_two_workers(ray_cluster, tmp_path, parallelism):
     from mythos.tokenizer import load_tokenizer_from_folder
 
     sets = {"run.root": str(tmp_path), "run.name": f"traj-{parallelism}", "train.parallelism": parallelism,
-            "train.steps": "16", "train.warmup_steps": "4", "train.log_every": "4", "train.eval_every": "16",
-            "train.batch_size": "8", "checkpoint.every_steps": "16", "data.n_docs": "600", "data.val_docs": "32",
+            "train.steps": "12", "train.warmup_steps": "4", "train.log_every": "4", "train.eval_every": "12",
+            "train.batch_size": "8", "checkpoint.every_steps": "12", "data.n_docs": "600", "data.val_docs": "32",
             "data.val_hops": "6", "data.docs_per_batch": "300", "tracking.experiment": "test-pretrain"}
     res = run_pretrain(load_config(ROOT / "jobs/configs/reasoning.yaml", [f"{k}={v}" for k, v in sets.items()]))
     client = MlflowClient(res.tracking_uri)
     loss = client.get_metric_history(res.mlflow_run_id, "loss")
-    assert [m.step for m in loss] == [4, 8, 12, 16] and loss[-1].value < loss[0].value  # it learns (the format)
+    assert [m.step for m in loss] == [4, 8, 12] and loss[-1].value < loss[0].value  # it learns (the format)
     assert {m.value for m in client.get_metric_history(res.mlflow_run_id, "mean_loops")} == {4.0}  # 4 per step
     for t in range(1, 7):  # validation: 6-hop problems run for 6 loops, accuracy after each
         assert client.get_metric_history(res.mlflow_run_id, f"val_acc_loop_{t:02d}")
     acc = client.get_metric_history(res.mlflow_run_id, "val_acc")[-1].value
     assert 0.0 <= acc <= 1.0
-    assert read_state(res.checkpoint_path)["step"] == 16
+    assert read_state(res.checkpoint_path)["step"] == 12
     model, tok = load_pretrained(res.export_dir), load_tokenizer_from_folder(res.export_dir)
     assert "parametrizations" not in str(model)  # a plain Mythos
     ids = [tok.eos_id] + tok.encode("> > ab ba cd dc ef fe gh hg ij ji kl lk mn nm op po a")
