@@ -46,16 +46,20 @@ def test_the_demo_question_needs_every_hop():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_path):
-    pre = ["train.steps=900", "train.eval_every=300", "train.log_every=100", "checkpoint.every_steps=900",
-           "data.n_docs=30000", "data.val_docs=64", "data.val_blocks=64", "data.val_hops=8"]
+    """Shortened to fit the test budget as a curriculum: pretraining follows 2-hop chains (the first
+    lookup is found within a few hundred steps), the sweep fine-tunes on 4-hop chains; the sweep's
+    best must beat the pretrained model on 8-hop validation problems and become the champion."""
+    pre = ["data.min_hops=2", "data.max_hops=2", "train.steps=600", "train.lr=2.0e-3", "train.min_lr=2.0e-3",
+           "train.eval_every=300", "train.log_every=100", "checkpoint.every_steps=600", "data.n_docs=20000",
+           "data.val_docs=64", "data.val_blocks=64", "data.val_hops=8"]
     base = ["train.steps=30", "train.warmup_steps=5", "train.eval_every=30", "checkpoint.every_steps=30",
             "data.n_docs=2000", "data.val_docs=32", "scaling.cpus_per_worker=0.4", "train.batch_size=8"]
     sets = [
         f"root={tmp_path}", "keep_serving=false", "eval_loops=[2,8]", "eval_max_hops=8", "eval_limit=30",
         f"pretrain_overrides=[scaling.num_workers=1, scaling.cpus_per_worker=1.0, train.batch_size=32, {', '.join(pre)}]",
         f"baseline_overrides=[scaling.num_workers=1, {', '.join(base)}]",
-        "sweep_overrides=[name=t-sweep, base.data.n_docs=1000, base.data.val_docs=64, base.data.val_hops=8, "
-        "base.train.steps=10, base.train.warmup_steps=2, base.train.eval_every=5, base.checkpoint.every_steps=10, "
+        "sweep_overrides=[name=t-sweep, base.data.n_docs=6000, base.data.val_docs=64, base.data.val_hops=8, "
+        "base.train.steps=160, base.train.warmup_steps=20, base.train.eval_every=40, base.checkpoint.every_steps=160, "
         "asha.enabled=false, 'space={data.label_loops: [4], model.overrides.lora_rank: [0, 2]}']",
         f"serve_config={ROOT / 'jobs/configs/serve-debug.yaml'}",
         f"serve_overrides=[http.port={free_port()}, batching.max_wait_ms=5]",
@@ -69,7 +73,8 @@ def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_pat
     versions = client.search_model_versions("name='mythos-rdt'")
     assert len(versions) == 2  # the pretrained model and the sweep's best, compared on val_acc (higher wins)
     assert float(champ.tags["val_acc"]) == max(float(v.tags["val_acc"]) for v in versions)
-    assert s.champion["pretrained"] is not None and s.champion["pretrained"] > 0.5
+    # 4-hop chains beat 2-hop chains on 8-hop validation problems: the sweep's best is the champion
+    assert s.champion["sweep_best"] > s.champion["pretrained"] and s.champion["version"] == s.champion["sweep_version"]
     # looping buys depth: beyond the trained 4 hops, loops = hops solves what 2 loops cannot
     for task in ("pointer_k6", "pointer_k8"):
         hist = {m.step: m.value for m in client.get_metric_history(s.eval_run_id, f"{task}/acc")}

@@ -1,4 +1,5 @@
-"""Training losses beyond next-token cross-entropy: answer-only and per-loop (deep) supervision."""
+"""Training losses beyond next-token cross-entropy: per-loop (deep) supervision, from the data's
+per-loop labels (trajectory training) or from the next tokens (language modelling)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,10 @@ import torch
 import torch.nn.functional as F
 
 
-def at_positions(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """(B, S, V) logits -> (B, V) at one position per row."""
-    return logits[torch.arange(logits.shape[0], device=logits.device), pos]
-
-
 def loop_weights(n: int, scheme: str = "uniform") -> torch.Tensor:
     """Weights over n supervised iterations, summing to 1 ("uniform" or "linear": later ones weigh more)."""
     w = torch.ones(n) if scheme == "uniform" else torch.arange(1, n + 1, dtype=torch.float32)
     return w / w.sum()
-
-
-def per_loop_answer_loss(
-    loop_logits: list[torch.Tensor],
-    answer_pos: torch.Tensor,
-    loop_targets: torch.Tensor,
-    first_loop: int,
-    scheme: str = "uniform",
-) -> torch.Tensor:
-    """Deep supervision at the answer position: loop_logits[j] is the coda+head output after
-    iteration first_loop + j (0-based), and loop_targets[:, t] the target after iteration t."""
-    w = loop_weights(len(loop_logits), scheme)
-    losses = [F.cross_entropy(at_positions(l, answer_pos).float(), loop_targets[:, first_loop + j])
-              for j, l in enumerate(loop_logits)]
-    return sum(wj * lj for wj, lj in zip(w, losses))
 
 
 def per_loop_lm_loss(loop_logits: list[torch.Tensor], targets: torch.Tensor, scheme: str = "linear") -> torch.Tensor:
