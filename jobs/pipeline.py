@@ -38,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from mythos_platform.pipeline import print_summary, run_pipeline
 
     summary = run_pipeline(cfg)
-    print_summary(summary, cfg.metric)
+    print_summary(summary, cfg.metric, keep_serving=cfg.keep_serving)
+    sys.stdout.flush()
     if cfg.keep_serving:
-        print("\nThe endpoint stays up while this job runs: press Ctrl-C (or `ray job stop <id>`) to stop it.",
-              flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:

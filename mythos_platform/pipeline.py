@@ -252,7 +252,8 @@ def _log_report(uri: str, run_id: str | None, report, plot_path: Path) -> None:
         log.warning("could not log the depth report to MLflow: %s", exc)
 
 
-def print_summary(s: PipelineSummary, metric: str = "val_acc") -> None:
+def print_summary(s: PipelineSummary, metric: str = "val_acc", keep_serving: bool = False) -> None:
+    """The summary; its last lines are the served model's answers to the deep question."""
     print("\n[mythos pipeline] ===== summary =====")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s.stages.items()) +
           f" (total {sum(s.stages.values()) / 60:.1f} min)")
@@ -278,6 +279,8 @@ def print_summary(s: PipelineSummary, metric: str = "val_acc") -> None:
     prompt = s.question["prompt"]
     body = json.dumps({"model": s.model_name, "prompt": prompt, "max_tokens": 1, "n_loops": s.question["hops"]})
     print(f"query the API:  curl {s.url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
+    if keep_serving:
+        print("\nThe endpoint stays up while this job runs: press Ctrl-C (or `ray job stop <id>`) to stop it.")
     print(f"\nthe served model, asked a {s.question['hops']}-hop question (held out; the answer is "
           f"{s.question['answer'].strip()!r}):")
     print(f"  {prompt}")

@@ -99,8 +99,9 @@ def test_summary_says_what_was_compared_and_ends_with_the_served_answers(capsys,
                          "sweep_trial": "t3", "sweep_version": "2"},
                         "| hops | loops = hops |\n", tmp_path / "plot.png", 16, 4, "http://127.0.0.1:8000", "mythos-rdt",
                         q, [Answer(8, " k", 8, True), Answer(2, " p", 2, False)])
-    print_summary(s)
+    print_summary(s, keep_serving=True)
     out = capsys.readouterr().out.rstrip().splitlines()
+    assert any(line.startswith("The endpoint stays up") for line in out[:-4])  # the answers stay the last lines
     assert "pretrained model val_acc 0.990, best sweep trial (t3) val_acc 1.000 -> champion: the sweep's best " \
            "trial (models:/mythos-rdt@champion = version 2)" in "\n".join(out)
     assert "solves every depth up to 16 hops at >= 0.95 (4x the trained depth)" in "\n".join(out)
