@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.keep_serving:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Ray Tune and Train leave their own SIGINT handlers installed after their stages: one
+        # Ctrl-C would then only print Tune's message while the endpoint keeps serving
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             stop.wait()
         except KeyboardInterrupt:
