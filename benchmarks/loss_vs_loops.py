@@ -1,7 +1,8 @@
 """Validation loss against inference loops for a language model trained with random loop counts.
 
     python benchmarks/loss_vs_loops.py --model runs/debug/export/debug [--model another/export ...] \
-        [--config jobs/configs/debug.yaml] [--loops 1,2,3,4,6,8,12,16,24,32] [--blocks 64] [--plot docs/loss_vs_loops.png]
+        [--config jobs/configs/debug.yaml] [--loops 1,2,3,4,6,8,12,16,24,32] [--blocks 64] \
+        [--plot docs/loss_vs_loops.png]
 
 The published signature of a working looped LM (Geiping et al. 2025; Prairie et al. 2026) is a
 curve that falls with loops and then stays flat past the trained range, not a U. The validation
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         mc = model.cfg
         print(f"\nmodel {folder}: trained with {mc.loop_distribution} loop counts, mean {mc.train_loops_mean}, "
               f"range {mc.train_loops_min}..{mc.train_loops_max}, bptt {mc.bptt_depth}, "
-              f"ACT {'on' if mc.act_enabled else 'off'}; {len(blocks)} validation blocks of {blocks.shape[1] - 1} tokens")
+              f"ACT {'on' if mc.act_enabled else 'off'}; {len(blocks)} validation blocks of "
+              f"{blocks.shape[1] - 1} tokens")
         print("| loops | val loss (nats/token) | seconds |\n|---|---|---|")
         losses = []
         for n in loops:

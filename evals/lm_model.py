@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from mythos.checkpoint import load_pretrained
 from mythos.generation import SamplingParams, stream
+from mythos.recurrent import EXIT_ON
 from mythos.tokenizer import load_tokenizer_from_folder
 
 log = logging.getLogger("mythos.evals")
@@ -109,8 +110,9 @@ class MythosLM(TemplateLM):
         super().__init__()
         if unknown:
             raise TypeError(
-                f"mythos: unknown model argument(s) {sorted(unknown)}; allowed: pretrained, n_loops, exit_threshold, exit_on, "
-                "batch_size, max_batch_size, device, dtype, tracking_uri, prefix_token, max_gen_toks, progress")
+                f"mythos: unknown model argument(s) {sorted(unknown)}; allowed: pretrained, n_loops, exit_threshold, "
+                "exit_on, batch_size, max_batch_size, device, dtype, tracking_uri, prefix_token, max_gen_toks, "
+                "progress")
         pretrained, tracking_uri = _none(pretrained), _none(tracking_uri)
         device = _none(device) or ("cuda" if torch.cuda.is_available() else "cpu")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -142,7 +144,7 @@ class MythosLM(TemplateLM):
         exit_threshold = _none(exit_threshold)
         self.exit_threshold = float(exit_threshold) if exit_threshold is not None else None
         self.exit_on = str(exit_on)
-        if self.exit_on not in ("all", "last"):
+        if self.exit_on not in EXIT_ON:
             raise ValueError(f"mythos: exit_on must be 'all' or 'last', got {exit_on!r}")
         if self.exit_threshold is not None and self.exit_threshold < 0:
             raise ValueError(f"mythos: exit_threshold must be >= 0, got {exit_threshold!r}")

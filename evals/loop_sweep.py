@@ -27,6 +27,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -80,9 +81,8 @@ def primary_metric(metrics: dict[str, float]) -> str:
 
 
 def floor_start_symbol(task: str, limit: float | None = None) -> float | None:
-    """Score of always answering the start symbol, for local multi-hop tasks (None otherwise).
-    Like lm-eval, an integer `limit` takes the first rows, a fraction that share of them."""
-    rows = _task_rows(task, limit)
+    """Score of always answering the start symbol, for local multi-hop tasks (None otherwise)."""
+    rows = task_rows(task, limit)
     if not rows or "start" not in rows[0] or "answer" not in rows[0]:
         return None
     return sum(r["answer"].strip() == r["start"] for r in rows) / len(rows)
@@ -125,7 +125,9 @@ class SweepConfig:
             raise ValueError(f"loops must be positive ints, got {self.loops!r}")
         if any(t < 0 for t in self.exit_thresholds):
             raise ValueError(f"exit thresholds must be >= 0, got {self.exit_thresholds!r}")
-        if self.exit_on not in ("all", "last"):
+        from mythos.recurrent import EXIT_ON
+
+        if self.exit_on not in EXIT_ON:
             raise ValueError(f"exit_on must be 'all' or 'last', got {self.exit_on!r}")
         if self.exit_max_loops is not None and self.exit_max_loops < 1:
             raise ValueError(f"exit_max_loops must be >= 1, got {self.exit_max_loops}")
@@ -197,16 +199,24 @@ def evaluate_points(model_dir: str, tasks: Sequence[str], n_loops: int, exit_thr
 
 def task_hops(task: str) -> int | None:
     """The hop count of a local task whose rows all share one (multihop_k*, pointer_k*), else None."""
-    rows = _task_rows(task)
+    rows = task_rows(task)
     hops = {r.get("hops") for r in rows} if rows else {None}
     return int(hops.pop()) if len(hops) == 1 and None not in hops else None
 
 
-def _task_rows(task: str, limit: float | None = None) -> list[dict]:
+@lru_cache(maxsize=None)
+def _read_rows(task: str) -> tuple[dict, ...]:
+    """A local task's data file, read once per process (tables, floors and hop counts all ask)."""
     path = TASKS_DIR / "data" / f"{task}.jsonl"
     if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return ()
+    return tuple(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+
+
+def task_rows(task: str, limit: float | None = None) -> list[dict]:
+    """The rows of a local task's data file ([] for other tasks); like lm-eval, an integer `limit`
+    takes the first rows, a fraction that share of them."""
+    rows = list(_read_rows(task))
     if limit is not None and rows:
         rows = rows[: int(math.ceil(len(rows) * limit)) if limit < 1 else int(limit)]
     return rows
@@ -216,7 +226,7 @@ def shallow_floor(task: str, trained_hops: int, limit: float | None = None) -> f
     """The best score of answering f^j(start) for one fixed j < k and j <= trained_hops, on a task
     whose rows carry their chain (pointer_k*): what a model that never goes deeper than it was
     trained still scores, because a random function's orbits fall into short cycles."""
-    rows = _task_rows(task, limit)
+    rows = task_rows(task, limit)
     if not rows or "chain" not in rows[0]:
         return None
     k = int(rows[0]["hops"])

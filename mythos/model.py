@@ -24,7 +24,7 @@ from .config import MythosConfig
 from .kv_cache import CacheError, KVCache
 from .moe import MoE
 from .norm import RMSNorm
-from .recurrent import RecurrentBlock
+from .recurrent import EXIT_ON, RecurrentBlock
 from .rope import rope_angles
 
 
@@ -184,7 +184,7 @@ class Mythos(nn.Module):
             d, a = block(x, rope, mask, cache.slot("prelude", i) if cache is not None else None, start)
             x, aux = x + d, aux + a
         e = self.e_norm(x)
-        if exit_on not in ("all", "last"):
+        if exit_on not in EXIT_ON:
             raise ValueError(f"exit_on must be 'all' or 'last', got {exit_on!r}")
         rec = self.core(e, rope, mask, n_loops, bptt_depth, cache, start, exit_threshold, collect_stats,
                         keep_loop_states=return_loop_logits, exit_on=exit_on)

@@ -10,9 +10,9 @@ backpropagation through the loop); earlier ones run under no_grad.
 Inference may exit early (`exit_threshold`): once every position's relative state change
 |h_{t+1} - h_t| / |h_{t+1}| drops below the threshold (`exit_on="last"`: the last position of
 each row, the one whose output a one-token answer is read from), or, with ACT, once every
-position has halted. With a KV cache the skipped iterations' slots get the last computed entries for these
-positions (the "latest entry" rule of Huginn's cache sharing), so later tokens decoded with
-more loops still find keys and values for every iteration.
+position has halted. With a KV cache the skipped iterations' slots get the last computed entries
+for these positions (the "latest entry" rule of Huginn's cache sharing), so later tokens decoded
+with more loops still find keys and values for every iteration.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from .kv_cache import KVCache
 from .loop_embedding import loop_index_embedding
 from .lora import DepthLoRA
 from .norm import RMSNorm
+
+EXIT_ON = ("all", "last")
+"""Which positions the adaptive exit waits for: every position, or the last of each row."""
 
 
 @dataclass

@@ -380,8 +380,6 @@ class DataConfig(Section):
         self.need((self.source == "pointer") == (self.tokenizer == "pointer"), p("tokenizer"),
                   "source 'pointer' brings its own word-level tokenizer: set data.tokenizer=pointer with it "
                   "(and only with it)", self.tokenizer)
-        if self.source == "pointer":
-            self.need(self.resolved_val_hops >= 1, p("val_hops"), "must be >= 1", self.val_hops)
         self.need(0.0 < self.cpus_per_task, p("cpus_per_task"), "must be > 0", self.cpus_per_task)
         self.need(self.docs_per_batch >= 1, p("docs_per_batch"), "must be >= 1", self.docs_per_batch)
         self.need(bool(self.tokenizer), p("tokenizer"), "must name 'byte', a tokenizer.json or a hub name")
@@ -667,7 +665,8 @@ class PretrainConfig(Section):
                       f"max_seq_len={model.max_seq_len} (raise model.overrides.max_seq_len)", hops)
         if self.train.loop_schedule == "trajectory":
             loops = d.resolved_label_loops
-            self.need(loops >= d.max_hops, _join(path, "data.label_loops"), f"must be >= max_hops={d.max_hops}: a trajectory "
+            self.need(loops >= d.max_hops, _join(path, "data.label_loops"),
+                      f"must be >= max_hops={d.max_hops}: a trajectory "
                       "runs at least as many loops as the longest training chain", d.label_loops)
             self.need(model.train_loops_max >= loops, _join(path, "model.overrides.train_loops_max"),
                       f"must be >= the {loops} loops a trajectory step runs (data.label_loops, default max_hops)",

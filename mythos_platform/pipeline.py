@@ -8,7 +8,6 @@ run root, so one MLflow store holds their runs and the Model Registry.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ import httpx
 
 from .config import Section, _join
 from .registry import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, register_model
-
-log = logging.getLogger("mythos")
 
 STAGES = 5
 
@@ -133,9 +130,9 @@ def question(hops: int) -> dict[str, Any]:
     """A held-out question of the lm-eval task pointer_k<hops>: the first whose answer after fewer
     loops (any j < hops) differs from the right one, so a shallow answer shows as wrong. Chosen
     from the data alone, never from what a model answers."""
-    from evals.loop_sweep import _task_rows
+    from evals.loop_sweep import task_rows
 
-    rows = _task_rows(f"pointer_k{hops}")
+    rows = task_rows(f"pointer_k{hops}")
     for row in rows:
         chain = row["chain"]
         if all(chain[j] != chain[hops] for j in range(hops)):
@@ -202,7 +199,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     plot_path = report.plot(root / "depth_extrapolation.png",
                             title=f"champion {model_uri}: trained on <= {pre_cfg.data.max_hops} hops")
     (root / "depth_extrapolation.md").write_text(report.markdown())
-    _log_report(uri, rdt_eval.run_id, report, plot_path)
+    _log_report(uri, root, rdt_eval.run_id, report, plot_path)
     stages["evaluate"] = time.perf_counter() - t
 
     t = stage(4, "deploy the champion")
@@ -230,26 +227,19 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
                            model_name, q, answers)
 
 
-def _log_report(uri: str, run_id: str | None, report, plot_path: Path) -> None:
-    """The depth table and plot into the evaluation's MLflow run."""
+def _log_report(uri: str, root: Path, run_id: str | None, report, plot_path: Path) -> None:
+    """The depth table, its metrics by hop count and the plot into the evaluation's MLflow run (a
+    tracking outage is warned about by the Tracker; the files stay under the run root)."""
+    from .config import TrackingConfig
+    from .tracking import Tracker
+
     if not run_id:
         return
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        client.log_artifact(run_id, str(plot_path), "results")
-        client.log_text(run_id, report.markdown(), "results/depth_extrapolation.md")
-        for h in report.hops:
-            acc = report.at_loops_equal_hops(h)
-            if acc is not None:
-                client.log_metric(run_id, "acc_loops_eq_hops", acc, step=h)
-            if h in report.baseline:
-                client.log_metric(run_id, "baseline_acc", report.baseline[h], step=h)
-            if h in report.floor:
-                client.log_metric(run_id, "shallow_floor", report.floor[h], step=h)
-    except Exception as exc:  # a tracking outage loses the copy in MLflow, not the files
-        log.warning("could not log the depth report to MLflow: %s", exc)
+    tracker = Tracker(TrackingConfig(experiment="mythos-eval", tracking_uri=uri), root, run_id=run_id)
+    tracker.log_artifact(plot_path, "results")
+    tracker.log_text(report.markdown(), "results/depth_extrapolation.md")
+    for h, metrics in report.metrics_by_hops().items():
+        tracker.log_metrics(metrics, step=h)
 
 
 def print_summary(s: PipelineSummary, metric: str = "val_acc", keep_serving: bool = False) -> None:

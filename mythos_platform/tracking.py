@@ -194,6 +194,11 @@ class Tracker:
         return self.active and self.run_id is not None
 
     # --- runs -------------------------------------------------------------------------
+    def create_experiment(self) -> str | None:
+        """Create the store and the experiment now (None when inactive). Runs started at once by
+        several processes would otherwise race to migrate a new SQLite store."""
+        return self._experiment_id() if self.active else None
+
     def _experiment_id(self) -> str:
         name = self.cfg.experiment
         exp = self.client.get_experiment_by_name(name)

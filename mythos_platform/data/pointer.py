@@ -47,6 +47,7 @@ For models that should *stop* at k (hop marks on), two more options (`rows`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Sequence
 
 import numpy as np
@@ -109,14 +110,17 @@ class PointerFormat:
         return " " + p.answer
 
     # ------------------------------------------------------------------------------ rows
+    @cached_property
+    def word_ids(self) -> dict[str, int]:
+        """Every word's id: its place in `vocabulary()`, as in `pointer_tokenizer`."""
+        return {w: i for i, w in enumerate(self.vocabulary())}
+
     def ids(self, p: Problem, marked: bool | None = None) -> list[int]:
         """Token ids of <eos> + prompt + answer (what `pointer_tokenizer` gives for that text);
         `marked` overrides hop_marks for this problem."""
-        sym = {s: self.symbol_offset + i for i, s in enumerate(self.symbols)}
-        marks = [3] * p.hops if (self.hop_marks if marked is None else marked) else []
-        pairs = [self.pair_offset + (sym[a] - self.symbol_offset) * self.n_symbols + sym[b] - self.symbol_offset
-                 for a, b in p.pairs]
-        return [1, *marks, *pairs, sym[p.start], sym[p.answer]]
+        w = self.word_ids
+        marks = [w[MARK]] * p.hops if (self.hop_marks if marked is None else marked) else []
+        return [w[EOS], *marks, *(w[a + b] for a, b in p.pairs), w[p.start], w[p.answer]]
 
     def rows(self, problems: Sequence[Problem], n_loops: int, labels: LoopLabels = "trajectory",
              length: int | None = None, mark_labels: bool = False, marked: Sequence[bool] | None = None,
@@ -138,8 +142,8 @@ class PointerFormat:
         L = max(len(r) for r in raw) - 1 if length is None else length
         if any(len(r) > L + 1 for r in raw):
             raise ValueError(f"a problem is longer than length={L} tokens")
-        seqs = [r + [0] * (L + 1 - len(r)) for r in raw]
-        sym = {s: self.symbol_offset + i for i, s in enumerate(self.symbols)}
+        w = self.word_ids
+        seqs = [r + [w[PAD]] * (L + 1 - len(r)) for r in raw]
         final = np.full((len(seqs), L), IGNORE, dtype=np.int32)
         loop_labels = np.full((len(seqs), n_loops, L), IGNORE, dtype=np.int32)
         for i, p in enumerate(problems):
@@ -153,10 +157,10 @@ class PointerFormat:
                 if j >= len(chain):
                     raise ValueError(f"trajectory labels for {n_loops} loops need chains of >= {n_loops} hops; "
                                      f"problem has {p.hops}")
-                loop_labels[i, t - 1, pos] = sym[chain[j]]
+                loop_labels[i, t - 1, pos] = w[chain[j]]
                 if mark_labels and marked[i]:
                     for m in range(1, p.hops + 1):  # mark m is the input at position m (after <eos>):
-                        loop_labels[i, t - 1, m] = 0 if t >= m else 3  # pending (">"), consumed (<pad>) from loop m
+                        loop_labels[i, t - 1, m] = w[PAD] if t >= m else w[MARK]  # consumed from loop m, else pending
         return {"input_ids": np.asarray(seqs, dtype=np.int32), "labels": final, "loop_labels": loop_labels}
 
 

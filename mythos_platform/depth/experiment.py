@@ -82,21 +82,8 @@ def run_depth_experiment(cfg: DepthConfig) -> DepthResult:
     tracker.log_metrics({f"params_{k}": v for k, v in params.items()}, step=0)
     for (h, n), acc in report.grid.items():
         tracker.log_metrics({f"rdt_acc_hops_{h:02d}": acc}, step=n)
-    for h in report.hops:
-        if report.at_loops_equal_hops(h) is not None:
-            tracker.log_metrics({"rdt_acc_loops_eq_hops": report.at_loops_equal_hops(h)}, step=h)
-        if h in report.baseline:
-            tracker.log_metrics({"baseline_acc": report.baseline[h]}, step=h)
-        if h in report.floor:
-            tracker.log_metrics({"shallow_floor": report.floor[h]}, step=h)
-        for m in report.multiples:
-            if (h, m * h) in report.grid:
-                tracker.log_metrics({f"rdt_acc_loops_eq_{m}x_hops": report.grid[(h, m * h)]}, step=h)
-        for t, by_hops in report.exits.items():
-            if h in by_hops:
-                acc, used = by_hops[h]
-                tracker.log_metrics({f"rdt_acc_exit_{t:g}": acc, **({f"rdt_loops_used_exit_{t:g}": used}
-                                                                    if used is not None else {})}, step=h)
+    for h, metrics in report.metrics_by_hops(prefix="rdt_").items():
+        tracker.log_metrics(metrics, step=h)
     tracker.log_artifact(str(plot_path), artifact_path="plots")
     tracker.log_text(md, "results/depth_extrapolation.md")
     tracker.log_text(csv_text, "results/depth_extrapolation.csv")

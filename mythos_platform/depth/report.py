@@ -52,6 +52,29 @@ class DepthReport:
             best = h
         return best
 
+    def metrics_by_hops(self, prefix: str = "") -> dict[int, dict[str, float]]:
+        """MLflow metrics with the hop count as step: the looped model (names under `prefix`) at
+        loops = m x hops and with each adaptive exit, the baseline and the shallow floor."""
+        out: dict[int, dict[str, float]] = {}
+        for h in self.hops:
+            m = out.setdefault(h, {})
+            if self.at_loops_equal_hops(h) is not None:
+                m[f"{prefix}acc_loops_eq_hops"] = self.at_loops_equal_hops(h)
+            for k in self.multiples:
+                if (h, k * h) in self.grid:
+                    m[f"{prefix}acc_loops_eq_{k}x_hops"] = self.grid[(h, k * h)]
+            for t, by_hops in self.exits.items():
+                if h in by_hops:
+                    acc, used = by_hops[h]
+                    m[f"{prefix}acc_exit_{t:g}"] = acc
+                    if used is not None:
+                        m[f"{prefix}loops_used_exit_{t:g}"] = used
+            if h in self.baseline:
+                m["baseline_acc"] = self.baseline[h]
+            if h in self.floor:
+                m["shallow_floor"] = self.floor[h]
+        return out
+
     # ------------------------------------------------------------------------------ tables
     def rows(self) -> tuple[list[str], list[list[str]]]:
         head = ["hops", "loops = hops", *[f"loops = {m} x hops" for m in self.multiples],

@@ -240,15 +240,14 @@ class MythosServer:
         eos = self.engine.tokenizer.eos_id
         prefix = [eos] if self.cfg.model.prefix_token and eos is not None else []
         ids = []
+        max_prompt = self._max_prompt_tokens()
         for k, text in enumerate(prompts):
             where = "prompt" if isinstance(req.prompt, str) else f"prompt[{k}]"
             own = self.engine.tokenizer.encode(text)
             if not own:
                 raise APIError(400, f"{where}: is empty; need at least one token", "prompt", "empty")
-            ids.append(prefix + own)
-        max_prompt = self._max_prompt_tokens()
-        for k, p in enumerate(ids):
-            where = "prompt" if isinstance(req.prompt, str) else f"prompt[{k}]"
+            p = prefix + own
+            ids.append(p)
             if len(p) > max_prompt:
                 raise APIError(400, f"{where}: {len(p)} tokens, more than the limit {max_prompt}", "prompt",
                                "too_long")

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import ray.train
 import torch
 
-from mythos.loop_schedule import LoopSample, sample_loops
 from mythos import Mythos
+from mythos.loop_schedule import LoopSample, sample_loops
 from mythos.moe import load_imbalance
 from mythos.sizing import flops_per_token
 
@@ -124,16 +124,23 @@ def apply_update(finite: bool, policy: str, step: int, loss: float, grad_norm: f
     return False
 
 
-def _loss(out, targets: torch.Tensor, tcfg, loop_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The objective: next-token (or answer) loss, or the per-loop loss of a trajectory step; plus
-    the MoE auxiliary loss and the ACT ponder cost where they are on."""
+def task_loss(out, tcfg, loop_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """What the run reports as its loss: the per-loop loss of a trajectory step, else the
+    next-token (or answer) loss of the final output."""
     if tcfg.loop_schedule == "trajectory":
-        loss = per_loop_label_loss(out.loop_logits, loop_labels, tcfg.loop_loss_weights)
-    elif tcfg.deep_supervision and out.loop_logits:
+        return per_loop_label_loss(out.loop_logits, loop_labels, tcfg.loop_loss_weights)
+    return out.loss
+
+
+def _loss(out, targets: torch.Tensor, tcfg, loop_labels: torch.Tensor | None = None,
+          task: torch.Tensor | None = None) -> torch.Tensor:
+    """The objective: the task loss (`task_loss`, computed here unless given), with deep
+    supervision for language modelling; plus the MoE auxiliary loss and the ACT ponder cost where
+    they are on."""
+    loss = task_loss(out, tcfg, loop_labels) if task is None else task
+    if tcfg.loop_schedule != "trajectory" and tcfg.deep_supervision and out.loop_logits:
         # every differentiated iteration predicts the targets, later ones weigh more
-        loss = 0.5 * out.loss + 0.5 * per_loop_lm_loss(out.loop_logits, targets, scheme="linear")
-    else:
-        loss = out.loss
+        loss = 0.5 * loss + 0.5 * per_loop_lm_loss(out.loop_logits, targets, scheme="linear")
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
     if tcfg.ponder_cost > 0 and out.ponder_cost is not None:
@@ -154,6 +161,12 @@ def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     """(correct, counted) greedy predictions at the labelled positions (targets != -100)."""
     mask = targets != -100
     return ((logits.argmax(-1) == targets) & mask).sum().float(), mask.sum().float()
+
+
+def at_answer(targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`labels` where `targets` label the answer, -100 elsewhere (per-loop labels may also cover
+    other positions, e.g. the hop marks)."""
+    return torch.where(targets != -100, labels, -100)
 
 
 def needs_preparation(cfg: PretrainConfig) -> bool:
@@ -213,9 +226,7 @@ def validate(model, batches: list[dict[str, torch.Tensor]], device: torch.device
         if "labels" in batch:
             outs = out.loop_logits if trajectory else [out.logits]
             labels = [loop_labels[:, t] for t in range(loops)] if trajectory else [targets]
-            answer = targets != -100  # per-loop labels may also cover other positions (the marks)
-            hits = torch.stack([answer_accuracy(o, torch.where(answer, lab, -100))[0]
-                                for o, lab in zip(outs, labels)]).cpu()
+            hits = torch.stack([answer_accuracy(o, at_answer(targets, lab))[0] for o, lab in zip(outs, labels)]).cpu()
             correct = hits if correct is None else correct + hits
             counted += answer_accuracy(out.logits, targets)[1].cpu()
     model.train()
@@ -273,8 +284,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return flops_cache[(n_loops, bptt)]
 
     window = {"loss": 0.0, "n": 0, "loops": 0.0, "flops": 0.0, "t0": time.perf_counter(), "skipped": 0,
-              "correct": 0.0, "counted": 0.0}
-    answers_only = "labels" in (val[0] if val else {})  # answer-only rows: report accuracy too
+              "correct": torch.zeros((), device=device), "counted": torch.zeros((), device=device)}
+    answers_only = cfg.data.source == "pointer"  # answer-only rows: report accuracy too
 
     def evaluate() -> dict[str, float]:
         return validate(model, val[:n_val], device, bf16, fsdp, tcfg, model_cfg.n_loops)
@@ -302,16 +313,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 out = model(inputs, targets=targets, n_loops=sample.n_loops, bptt_depth=sample.bptt_depth,
                             return_loop_logits=tcfg.deep_supervision or tcfg.loop_schedule == "trajectory",
                             collect_stats=log_now and micro == 0)
-                loss = _loss(out, targets, tcfg, loop_labels)
+                task = task_loss(out, tcfg, loop_labels)
+                loss = _loss(out, targets, tcfg, loop_labels, task=task)
             (loss / tcfg.grad_accum).backward()
-            objective = loss - out.aux_loss if out.aux_loss is not None else loss
-            step_loss += objective.detach().float().cpu() / tcfg.grad_accum
-            # the last loop's labels: under a trajectory longer than the chain they are f^T, not f^k
-            final = targets if tcfg.loop_schedule != "trajectory" else \
-                torch.where(targets != -100, loop_labels[:, -1], -100)  # the answer only, not the marks
-            correct, counted = answer_accuracy(out.logits.detach(), final)
-            window["correct"] += float(correct)
-            window["counted"] += float(counted)
+            step_loss += task.detach().float().cpu() / tcfg.grad_accum
+            if answers_only:  # accumulated on the device; read once per log interval
+                # the last loop's labels: under a trajectory longer than the chain they are f^T, not f^k
+                final = at_answer(targets, loop_labels[:, -1]) if tcfg.loop_schedule == "trajectory" else targets
+                correct, counted = answer_accuracy(out.logits.detach(), final)
+                window["correct"] = window["correct"] + correct
+                window["counted"] = window["counted"] + counted
             if stats is None and out.state_norms:
                 stats = [float(n) for n in out.state_norms]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -360,8 +371,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["expert_load_imbalance"] = sum(load_imbalance(u) for u in used) / len(used)
             if stats:
                 metrics.update({f"state_norm/loop_{i + 1:02d}": v for i, v in enumerate(stats)})
-            if answers_only and window["counted"]:
-                metrics["acc"] = float(all_reduce_mean(torch.tensor(window["correct"] / window["counted"])))
+            if answers_only and float(window["counted"]):
+                metrics["acc"] = float(all_reduce_mean(window["correct"] / window["counted"]))
             if is_eval:
                 metrics.update(evaluate())
             tracker.log_metrics(metrics, step=state.step)
@@ -375,8 +386,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"loops {metrics['mean_loops']:.1f} | lr {metrics['lr']:.2e} | gnorm "
                     f"{metrics['grad_norm']:.2f}")
             last_metrics = {**last_metrics, **metrics, "step": state.step}
-            window.update(loss=0.0, n=0, loops=0.0, flops=0.0, t0=time.perf_counter(), skipped=0, correct=0.0,
-                          counted=0.0)
+            window.update(loss=0.0, n=0, loops=0.0, flops=0.0, t0=time.perf_counter(), skipped=0,
+                          correct=torch.zeros((), device=device), counted=torch.zeros((), device=device))
         if is_ckpt or (report_evals and is_eval):
             report({**last_metrics, "step": state.step}, save=is_ckpt)
 

@@ -2,8 +2,9 @@
 
 The model code knows nothing of this (torchtitan's layout: parallelisms are applied outside the
 model): it is built on the meta device, each transformer block and then the root are sharded with
-`fully_shard` on a 1-D device mesh, and only then are the parameters allocated and initialised. gloo on CPU, NCCL + bf16 mixed
-precision on GPU (the process group itself is set up by Ray Train's TorchTrainer).
+`fully_shard` on a 1-D device mesh, and only then are the parameters allocated and initialised.
+gloo on CPU, NCCL + bf16 mixed precision on GPU (the process group itself is set up by Ray
+Train's TorchTrainer).
 """
 
 from __future__ import annotations

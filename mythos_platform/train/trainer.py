@@ -172,13 +172,12 @@ def run_pretrains(cfgs: list[PretrainConfig], driver_cpus: float = 0.05) -> list
     init_ray()
     if len(cfgs) == 1:
         return [run_pretrain(cfgs[0])]
-    for cfg in cfgs:  # create the store and experiments here: two processes migrating one SQLite file race
+    for cfg in cfgs:
         tracker = Tracker(cfg.tracking, Path(cfg.run.root).resolve())
-        if tracker.active:
-            try:
-                tracker._experiment_id()
-            except Exception as exc:  # an outage: the runs warn and train on
-                log.warning("could not prepare MLflow at %s: %s", tracker.uri, exc)
+        try:
+            tracker.create_experiment()
+        except Exception as exc:  # an outage: the runs warn and train on
+            log.warning("could not prepare MLflow at %s: %s", tracker.uri, exc)
     remote = ray.remote(run_pretrain).options(num_cpus=driver_cpus, max_retries=0)
     refs = [remote.remote(cfg) for cfg in cfgs]
     try:
