@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mythos.checkpoint import load_pretrained  # noqa: E402
 from mythos_platform.config import load_config  # noqa: E402
 from mythos_platform.data.pipeline import VAL_STREAM, generated_blocks  # noqa: E402
+from mythos_platform.figures import new_figure, save_figure, style_axes  # noqa: E402
+from mythos_platform.tables import markdown_row, markdown_table  # noqa: E402
 
 
 def val_blocks(cfg, n_blocks: int) -> torch.Tensor:
@@ -69,24 +71,18 @@ def main(argv: list[str] | None = None) -> int:
               f"range {mc.train_loops_min}..{mc.train_loops_max}, bptt {mc.bptt_depth}, "
               f"ACT {'on' if mc.act_enabled else 'off'}; {len(blocks)} validation blocks of "
               f"{blocks.shape[1] - 1} tokens")
-        print("| loops | val loss (nats/token) | seconds |\n|---|---|---|")
+        print(markdown_table([], ["loops", "val loss (nats/token)", "seconds"]), end="")
         losses = []
         for n in loops:
             t0 = time.perf_counter()
             losses.append(loss_at(model, blocks, n))
-            print(f"| {n} | {losses[-1]:.4f} | {time.perf_counter() - t0:.1f} |", flush=True)
+            print(markdown_row([n, f"{losses[-1]:.4f}", f"{time.perf_counter() - t0:.1f}"]), flush=True)
         best = int(np.argmin(losses))
         print(f"lowest at {loops[best]} loops ({losses[best]:.4f}); at {loops[-1]} loops {losses[-1]:.4f} "
               f"({losses[-1] - losses[best]:+.4f} from the lowest); 1 loop {losses[0]:.4f}")
         curves[f"{Path(folder).name} (ACT {'on' if mc.act_enabled else 'off'})"] = losses
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(6, 4), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, ax = new_figure()
         for label, losses in curves.items():
             ax.plot(loops, losses, marker="o", label=label)
         ax.axvspan(mc.train_loops_min, mc.train_loops_max, color="0.9", zorder=0, label="training loop range")
@@ -96,13 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         mid, half = (lo + hi) / 2, max((hi - lo) / 2 * 1.2, 0.05)  # at least 0.1 nats tall: noise stays flat
         ax.set_ylim(mid - half, mid + half)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("inference loops")
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title("Validation loss vs inference loops (random loop counts in training)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.plot)
+        style_axes(ax, xlabel="inference loops", ylabel="validation loss (nats/token)",
+                   title="Validation loss vs inference loops (random loop counts in training)")
+        save_figure(fig, args.plot)
         print(f"plot: {args.plot}")
     return 0
 

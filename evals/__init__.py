@@ -1,4 +1,4 @@
-"""lm-eval integration: the `mythos` model, local task definitions, loop-count sweeps.
+"""lm-eval integration: the `mythos` model and the local task definitions (depends on `mythos` only).
 
 Importing this package registers the lm-eval model `mythos` (lazily: torch and the model load
 only when lm-eval instantiates it). lm-eval 0.4.13 has no plugin entry point for models, so a
@@ -6,6 +6,9 @@ command-line run goes through `python -m evals.cli`, which imports this package 
 lm-eval's own CLI (adding `--include_path evals/tasks` when none is given).
 
     from evals import MythosLM, TASKS_DIR, evaluate_tasks
+
+The Ray fan-out over loop counts (MLflow, tables, plots) is the platform's:
+`mythos_platform.evaluation` (`jobs/evaluate.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def __getattr__(name: str):
 
         return MythosLM
     if name == "evaluate_tasks":
-        from .loop_sweep import evaluate_tasks
+        from .scoring import evaluate_tasks
 
         return evaluate_tasks
     raise AttributeError(f"module 'evals' has no attribute {name!r}")

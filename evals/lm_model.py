@@ -53,6 +53,7 @@ from tqdm import tqdm
 from mythos.checkpoint import load_pretrained
 from mythos.generation import SamplingParams, stream
 from mythos.recurrent import EXIT_ON
+from mythos.stop import StopTracker
 from mythos.tokenizer import load_tokenizer_from_folder
 
 log = logging.getLogger("mythos.evals")
@@ -123,7 +124,7 @@ class MythosLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("mythos: give model_args pretrained=<model folder | models:/name@alias>")
-            from mythos_platform.registry import resolve_model
+            from mythos.model_ref import resolve_model
 
             folder = resolve_model(str(pretrained), tracking_uri=tracking_uri)
             model = load_pretrained(folder, device=self._device, dtype=resolve_dtype(dtype, self._device))
@@ -332,27 +333,13 @@ class MythosLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, until: list[str]) -> list[str]:
-        """Decode until every row hit the end-of-text token, a stop sequence, or the budget."""
-        B = len(prompts)
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
+        """Decode until every row hit the end-of-text token, a stop sequence, or the budget; the text
+        ends before the first stop sequence (`mythos.stop.StopTracker`)."""
+        rows = [StopTracker(self.tok_decode, until, (self.eot_token_id,)) for _ in prompts]
         for step in stream(self.model, prompts, params, pad_id=int(self.tok.pad_id)):
-            self._count_loops(step.loops_used, B)
-            for r, t in enumerate(step.tokens.tolist()):
-                if done[r]:
-                    continue
-                if t == self.eot_token_id:
-                    done[r] = True
-                    continue
-                tokens[r].append(t)
-                if until and any(u in self.tok_decode(tokens[r]) for u in until):
-                    done[r] = True
-            if all(done):
+            self._count_loops(step.loops_used, len(prompts))
+            for row, t in zip(rows, step.tokens.tolist()):
+                row.add(t)
+            if all(row.stopped for row in rows):
                 break
-        texts = []
-        for toks in tokens:
-            text = self.tok_decode(toks)
-            for u in until:
-                text = text.split(u, 1)[0]
-            texts.append(text)
-        return texts
+        return [row.text for row in rows]

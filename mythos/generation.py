@@ -14,6 +14,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import Mythos
+from .stop import StopTracker
 
 
 @dataclass
@@ -160,19 +161,10 @@ def generate(
     params = params or SamplingParams()
     if overrides:
         params = SamplingParams(**{**params.__dict__, **overrides})
-    B = len(prompts)
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    done = [False] * B
+    rows = [StopTracker(stop_tokens=params.stop_tokens) for _ in prompts]
     loops: list[int] = []
-    stops = set(params.stop_tokens)
     for step in stream(model, prompts, params, pad_id):
         loops.append(step.loops_used)
-        for i, t in enumerate(step.tokens.tolist()):
-            if done[i]:
-                continue
-            if t in stops:
-                done[i], reasons[i] = True, "stop"
-            else:
-                tokens[i].append(t)
-    return GenerationResult(tokens, reasons, loops)
+        for row, t in zip(rows, step.tokens.tolist()):
+            row.add(t)  # a finished row ignores the pad tokens that follow
+    return GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], loops)

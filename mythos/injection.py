@@ -5,9 +5,12 @@ Delta lies in [DT_MIN, DT_MAX] for *every* parameter value and A in
 [exp(-DT_MAX), exp(-DT_MIN)] = [1.1e-7, 0.9922]: strictly inside (0, 1), so the spectral
 radius of the diagonal A is below 1 by construction. A is computed in fp32 whatever the
 parameter dtype, and its upper end 0.9922 is representable below 1.0 in bf16 too (the largest
-bf16 below 1 is 0.99609), so a bf16 cast never rounds it up to 1. The reference's
-A = exp(-exp(x)) rounds to exactly 1.0 (with zero gradient) once x <= -20 in fp32; here the
-sigmoid saturates only for |x| beyond ~90, far outside any trained value.
+bf16 below 1 is 0.99609), so a bf16 cast never rounds it up to 1. OpenMythos
+(github.com/kyegomez/OpenMythos, `LTIInjection.get_A`) writes the zero-order-hold form of
+Parcae (Prairie et al. 2026, "Parcae: Scaling Laws for Stable Looped Language Models",
+arXiv:2604.12946) as A = exp(-exp(clamp(x, -20, 20))) with x = log_dt + log_A, which rounds
+to exactly 1.0 in fp32 once x <= -20 (exp(-2e-9) == 1.0), where the clamp also makes its
+gradient 0; here the sigmoid saturates only for |x| beyond ~90, far outside any trained value.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Training loop-count schedule: a random loop count per step that every rank agrees on.
 
 The count is a pure function of (seed, step), so all ranks of a distributed job draw the same
-number without communicating (the reference's data-dependent early exit let FSDP ranks run
-different counts and hang). Poisson-lognormal as in Huginn (Geiping et al. 2025, "Scaling up
-Test-Time Compute with Latent Reasoning", arXiv:2502.05171): tau ~ N(log(mean) - sigma^2/2,
-sigma), n ~ Poisson(exp(tau)), clamped to [min, max]; E[exp(tau)] = mean. Only the last
-`bptt_depth` iterations are differentiated (truncated backprop).
+number without communicating. A data-dependent exit in training, such as the ACT loop of
+OpenMythos (github.com/kyegomez/OpenMythos: `if halted.all(): break`), lets FSDP ranks run
+different counts, so their collectives stop matching and the job hangs. Poisson-lognormal as
+in Huginn (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning",
+arXiv:2502.05171): tau ~ N(log(mean) - sigma^2/2, sigma), n ~ Poisson(exp(tau)), clamped to
+[min, max]; E[exp(tau)] = mean. Only the last `bptt_depth` iterations are differentiated
+(truncated backprop).
 """
 
 from __future__ import annotations

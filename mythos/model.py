@@ -48,7 +48,7 @@ class MythosOutput:
 class Mythos(nn.Module):
     def __init__(self, cfg: MythosConfig) -> None:
         super().__init__()
-        cfg.validate()
+        MythosConfig.from_dict(cfg.to_dict())  # re-checks a config changed after it was built
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.prelude = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.prelude_layers))
@@ -96,16 +96,10 @@ class Mythos(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, start: int,
-                      n_loops: int) -> None:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids (B, S) and inputs_embeds (B, S, dim)")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.dim):
-            raise ValueError(f"inputs_embeds must be (batch, seq, dim={self.cfg.dim}), got shape "
-                             f"{tuple(inputs_embeds.shape)}")
-        seq = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    def _check_inputs(self, input_ids: torch.Tensor, start: int, n_loops: int) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, seq) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+        seq = input_ids.shape[1]
         if seq == 0:
             raise ValueError("input_ids is empty: need at least one token")
         if start + seq > self.cfg.max_seq_len:
@@ -127,13 +121,11 @@ class Mythos(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor | None = None,
+        input_ids: torch.Tensor,
         *,
-        inputs_embeds: torch.Tensor | None = None,
         n_loops: int | None = None,
         bptt_depth: int | None = None,
         targets: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         exit_threshold: float | None = None,
         last_logits_only: bool = False,
@@ -142,9 +134,6 @@ class Mythos(nn.Module):
         exit_on: str = "all",
     ) -> MythosOutput:
         """input_ids (B, S) -> MythosOutput.
-
-        inputs_embeds: (B, S, dim) input vectors to use instead of tok_emb(input_ids), for inputs
-            with a structured embedding (the depth experiment's pair tokens); pass one of the two.
 
         n_loops: loop iterations (default cfg.n_loops; any count, also beyond training).
         bptt_depth: with autograd on, only the last bptt_depth iterations are differentiated
@@ -161,21 +150,19 @@ class Mythos(nn.Module):
         if bptt_depth is None and self.training:
             bptt_depth = cfg.bptt_depth
         start = cache.length if cache is not None else 0
-        self._check_inputs(input_ids, inputs_embeds, start, n_loops)
-        given = input_ids if input_ids is not None else inputs_embeds
-        B, S = given.shape[:2]
+        self._check_inputs(input_ids, start, n_loops)
+        B, S = input_ids.shape
         if cache is not None and cache.length > 0 and not cache.share_loops and n_loops > (cache.n_loops or 0):
             raise CacheError(
                 f"n_loops={n_loops} but the cache was filled with {cache.n_loops} loops: the extra iterations "
                 "have no keys/values for earlier tokens. Decode with n_loops <= that, prefill again, or use "
                 "KVCache(share_loops=True)"
             )
-        device = given.device
-        if positions is None:
-            positions = cache.positions(start, S, device) if cache is not None else \
-                torch.arange(S, device=device)[None, :].expand(B, S)
+        device = input_ids.device
+        positions = cache.positions(start, S, device) if cache is not None else \
+            torch.arange(S, device=device)[None, :].expand(B, S)
         mask = self._padding_mask(cache, start, S, device)
-        x = self.tok_emb(input_ids) if input_ids is not None else inputs_embeds
+        x = self.tok_emb(input_ids)
         rot = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
         rope = rope_angles(positions, rot, cfg.rope_theta)
 

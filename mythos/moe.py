@@ -9,8 +9,9 @@
   as well (weight `aux_loss_coef`, 0 = off).
 - Dispatch is loop-free: token copies are sorted by expert once (argsort), every expert then
   reads a contiguous slice, and all experts run as one grouped matmul
-  (`torch.nn.functional.grouped_mm`) — or, on builds without it, one matmul per slice with a
-  single host sync for the slice sizes. The masked per-expert loop is kept only in the tests,
+  (`torch.nn.functional.grouped_mm`) — or, on builds without it and for widths the grouped
+  kernels cannot take (sizes not a multiple of 16 bytes, e.g. dim=30), one matmul per slice with
+  a single host sync for the slice sizes. The masked per-expert loop is kept only in the tests,
   as the oracle this is compared against.
 """
 
@@ -27,9 +28,27 @@ from .ffn import SwiGLU
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 
 
+def _grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `grouped_mm` accepts x (N, K) @ w (E, K, M), forward and backward.
+
+    The grouped kernels need every operand's leading stride to be a multiple of 16 bytes: x's
+    row stride K and w's row stride M in the forward pass, and the same two sizes again in the
+    backward pass (grad_x = grad_y @ w^T reads strides M and M, grad_w = x^T @ grad_y reads K
+    and M). So K and M must both be multiples of 16 / element size (4 in fp32, 8 in bf16); a
+    width like 30 takes the per-slice path instead of failing with "strides should be multiple
+    of 16 bytes". Checked from shapes and strides only, so it also works under torch.compile.
+    """
+    if _GROUPED_MM is None or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[0] == 0:
+        return False
+    align = 16 // x.element_size()
+    K, M = w.shape[-2], w.shape[-1]
+    return (K % align == 0 and M % align == 0 and x.stride(-1) == 1 and x.stride(0) == K
+            and w.stride(-1) == 1 and w.stride(-2) == M)
+
+
 def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group; rows of group e multiply w[e]. x (N, K), w (E, K, M) -> (N, M)."""
-    if _GROUPED_MM is not None and x.dtype in (torch.float32, torch.bfloat16) and x.shape[0] > 0:
+    if _grouped_mm_fits(x, w):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return _GROUPED_MM(x, w.to(x.dtype), offs=offs)
     sizes = counts.tolist()  # the one host sync of the fallback

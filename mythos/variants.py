@@ -75,6 +75,6 @@ NOMINAL_SIZES = {"1b": 1e9, "3b": 3e9, "10b": 10e9, "50b": 50e9, "100b": 100e9, 
 def get_variant(name: str, **overrides) -> MythosConfig:
     """The named size's config, with field overrides applied (validated)."""
     if name not in _BUILDERS:
-        raise ConfigError(f"unknown model variant {name!r}; allowed: {', '.join(VARIANTS)}")
+        raise ConfigError("", f"unknown model variant {name!r}; allowed: {', '.join(VARIANTS)}")
     cfg = _BUILDERS[name]()
     return cfg.replace(**overrides) if overrides else cfg

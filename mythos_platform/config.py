@@ -1,35 +1,39 @@
-"""Typed job configuration: one dataclass per concern, loaded from YAML, overridable from the CLI.
+"""Typed job configuration: one pydantic model per concern, loaded from YAML, overridable from the CLI.
 
     cfg = load_config("jobs/configs/debug.yaml", ["train.lr=1e-3", "model.overrides.n_loops=8"])
     cfg.train.lr, cfg.model.build(), cfg.flatten()   # {"train.lr": 0.001, ...} for MLflow
 
 Precedence: command line (`a.b=c`, the value parsed as a YAML scalar or list) > file > defaults.
-Every unknown key, at any depth, and every bad value raises `ConfigError`, whose message
-names the dotted path (`train.lr`, `model.overrides.dim`) and what is allowed. All of this
-happens before any Ray work starts.
+A section may start from another YAML file with `extends: path.yaml` (its own keys win), which is
+how the pipeline, the sweep and the depth experiment compose the pretraining configs:
 
-The sections are plain dataclasses (picklable, attribute access). The conversion from a
-dict is a small hand-written walker over the type hints rather than pydantic, so the
-error messages and the accepted spellings (e.g. `lr: 3e-4`, which YAML 1.1 reads as a
-string) are ours to choose.
+    pretrain:
+      extends: jobs/configs/reasoning.yaml
+      train: {batch_size: 32}
+
+Every unknown key, at any depth, and every bad value raises `ConfigError`, whose message names the
+dotted path (`train.lr`, `model.overrides.dim`) and what is allowed. All of this happens before
+any Ray work starts.
+
+The library is pydantic v2 (`mythos.typed_config.ConfigModel`), the same one the Serve request
+schemas use: it gives typed, nested, picklable sections with attribute access and JSON schemas,
+and `ConfigModel` turns its errors into the dotted-path messages above.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import os
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
-from mythos.config import ConfigError as _MythosConfigError
 from mythos.config import MythosConfig
+from mythos.typed_config import ConfigError, ConfigModel, config_error, flatten_dict, join
+from mythos.variants import get_variant
 
 __all__ = [
     "ConfigError",
@@ -43,224 +47,50 @@ __all__ = [
     "RunConfig",
     "PretrainConfig",
     "load_config",
+    "read_yaml",
+    "merge",
     "apply_overrides",
-    "from_dict",
     "parse_override",
+    "flatten_dict",
+    "join",
 ]
 
-
-class ConfigError(_MythosConfigError):
-    """A job configuration key or value is invalid. `path` is the dotted key (e.g. `train.lr`)."""
-
-    def __init__(self, path: str, message: str, value: Any = dataclasses.MISSING) -> None:
-        self.path = path
-        got = "" if value is dataclasses.MISSING else f"got {value!r}; "
-        super().__init__(f"{path}: {got}{message}" if path else f"{got}{message}")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-S = TypeVar("S", bound="Section")
+class Section(ConfigModel):
+    """A job config section (`ConfigModel`) that may start from a YAML file: `extends: file.yaml`
+    in its mapping loads the file's mapping and merges the section's own keys over it."""
 
-
-# ---------------------------------------------------------------------------------------
-# Base class: conversion helpers shared by every section
-# ---------------------------------------------------------------------------------------
-class Section:
-    """Mixin for config dataclasses: `from_dict`, `to_dict`, `flatten`, `replace`, `validate`."""
-
-    def check(self, path: str) -> None:
-        """Cross-field and range checks of this section; `self.need(...)` raises with the path."""
-
-    @staticmethod
-    def need(cond: bool, path: str, allowed: str, value: Any = dataclasses.MISSING) -> None:
-        if not cond:
-            raise ConfigError(path, allowed, value)
-
-    def validate(self, path: str = "") -> None:
-        """Run `check` on this section and, recursively, on every nested section."""
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Section):
-                v.validate(_join(path, f.name))
-        self.check(path)
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls: type[S], data: dict[str, Any] | None, path: str = "") -> S:
-        obj = _convert(cls, {} if data is None else data, path)
-        obj.validate(path)
-        return obj
+    def _extends(cls, data: Any) -> Any:
+        seen: list[str] = []
+        while isinstance(data, dict) and "extends" in data:  # a file may extend another one
+            source = data["extends"]
+            if not isinstance(source, str) or not source:
+                raise ConfigError("extends", "must be the path of a YAML file", source)
+            if source in seen:
+                raise ConfigError("extends", f"files extend each other in a cycle: {' -> '.join(seen + [source])}")
+            seen.append(source)
+            data = merge(read_yaml(source, "extends"), {k: v for k, v in data.items() if k != "extends"})
+        return data
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-    def flatten(self, sep: str = ".") -> dict[str, Any]:
-        """Dotted keys to leaf values (dicts are walked too; lists stay lists): for MLflow params."""
-        return flatten_dict(self.to_dict(), sep=sep)
-
-    def replace(self: S, **changes: Any) -> S:
-        return type(self).from_dict({**self.to_dict(), **changes})
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+    def updated(self: S, values: dict[str, Any]) -> S:
+        """A validated copy with dotted keys set to typed values, e.g. {"run.root": "/x"}."""
+        data = self.to_dict()
+        for key, value in values.items():
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return type(self).from_dict(data)
 
 
-def flatten_dict(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten_dict(v, key, sep))
-        else:
-            out[key] = v
-    return out
+S = TypeVar("S", bound=Section)
 
 
-# ---------------------------------------------------------------------------------------
-# The type-directed converter
-# ---------------------------------------------------------------------------------------
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    """`value` (from YAML) converted to type `tp`, or ConfigError naming `path`."""
-    if tp is Any:
-        return copy.deepcopy(value)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, path)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        if value in args and not isinstance(value, bool):
-            return value
-        raise ConfigError(path, f"allowed: {', '.join(repr(a) for a in args)}", value)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(path, f"must not be null; expected {_type_name(tp)}")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, path)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(path, f"expected {_type_name(tp)}", value)
-    if origin in (list, tuple):
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(path, f"expected a list ({_type_name(tp)})", value)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(path, f"expected a list of {len(args)} items ({_type_name(tp)})", value)
-            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(path, "expected a mapping", value)
-        kt, vt = args if args else (Any, Any)
-        return {_convert(kt, k, path): _convert(vt, v, _join(path, str(k))) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(path, "expected true or false", value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        num = _number(value)
-        if num is not None and float(num).is_integer():
-            return int(num)
-        raise ConfigError(path, "expected an integer", value)
-    if tp is float:
-        num = _number(value)
-        if num is not None:
-            return float(num)
-        raise ConfigError(path, "expected a number", value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(path, "expected a string", value)
-    raise TypeError(f"config type {tp!r} at {path} is not supported")  # a programming error
-
-
-def _number(value: Any) -> float | int | None:
-    """int/float, or a string YAML 1.1 left unparsed such as '3e-4'; bools are not numbers."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value.replace("_", ""))
-        except ValueError:
-            return None
-    return None
-
-
-def _convert_dataclass(cls: type, value: Any, path: str) -> Any:
-    if isinstance(value, cls):
-        value = dataclasses.asdict(value)
-    if not isinstance(value, dict):
-        raise ConfigError(path, f"expected a mapping (section {cls.__name__})", value)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in value:
-        if key not in fields:
-            raise ConfigError(_join(path, str(key)), _unknown_message(str(key), fields, path))
-    hints = _hints(cls)
-    kwargs = {name: _convert(hints[name], v, _join(path, name)) for name, v in value.items()}
-    return cls(**kwargs)
-
-
-def _unknown_message(key: str, allowed: typing.Iterable[str], path: str) -> str:
-    allowed = sorted(allowed)
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    where = f"in {path!r}" if path else "at the top level"
-    return f"unknown key{hint}; allowed {where}: {', '.join(allowed)}"
-
-
-def from_dict(cls: type[S], data: dict[str, Any] | None, path: str = "") -> S:
-    return cls.from_dict(data, path)
-
-
-# ---------------------------------------------------------------------------------------
-# Sections
-# ---------------------------------------------------------------------------------------
-@dataclass
 class DataConfig(Section):
     """Where training text comes from and how it becomes fixed-length token blocks."""
 
@@ -268,7 +98,7 @@ class DataConfig(Section):
     """generated: multi-hop problems as byte text (an LM corpus); local: files in `paths`; fineweb:
     FineWeb-Edu (streamed); pointer: the reasoning corpus, one pointer-chasing problem per row with
     per-loop labels and its own word-level tokenizer (data/pointer.py)."""
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] = Field(default_factory=list)
     """local: file globs (parquet / jsonl / json / txt). fineweb: optional local parquet files
     with FineWeb-Edu's columns, used instead of the hub (offline runs and tests)."""
     format: Literal["auto", "parquet", "jsonl", "txt"] = "auto"
@@ -347,43 +177,42 @@ class DataConfig(Section):
     materialize: bool = False
     """Materialize the training dataset before training (small data on small machines)."""
 
-    def check(self, path: str) -> None:
-        p = lambda name: _join(path, name)  # noqa: E731
-        self.need(self.source != "local" or bool(self.paths), p("paths"),
+    def check(self) -> None:
+        self.need(self.source != "local" or bool(self.paths), "paths",
                   "source 'local' needs at least one file glob in paths")
-        self.need(self.seq_len >= 1, p("seq_len"), "must be >= 1", self.seq_len)
-        self.need(0.0 <= self.val_fraction < 1.0, p("val_fraction"), "must be in [0, 1)", self.val_fraction)
-        self.need(self.val_blocks is None or self.val_blocks >= 0, p("val_blocks"), "must be >= 0 or null",
+        self.need(self.seq_len >= 1, "seq_len", "must be >= 1", self.seq_len)
+        self.need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)", self.val_fraction)
+        self.need(self.val_blocks is None or self.val_blocks >= 0, "val_blocks", "must be >= 0 or null",
                   self.val_blocks)
-        self.need(self.num_blocks is None or self.num_blocks >= 1, p("num_blocks"), "must be >= 1 or null",
+        self.need(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", "must be >= 1 or null",
                   self.num_blocks)
-        self.need(self.n_docs >= 1, p("n_docs"), "must be >= 1", self.n_docs)
-        self.need(self.val_docs >= 0, p("val_docs"), "must be >= 0", self.val_docs)
-        self.need(self.min_hops >= 1, p("min_hops"), "must be >= 1", self.min_hops)
-        self.need(self.max_hops >= self.min_hops, p("max_hops"), f"must be >= min_hops={self.min_hops}",
+        self.need(self.n_docs >= 1, "n_docs", "must be >= 1", self.n_docs)
+        self.need(self.val_docs >= 0, "val_docs", "must be >= 0", self.val_docs)
+        self.need(self.min_hops >= 1, "min_hops", "must be >= 1", self.min_hops)
+        self.need(self.max_hops >= self.min_hops, "max_hops", f"must be >= min_hops={self.min_hops}",
                   self.max_hops)
-        self.need(2 <= self.n_symbols <= 52, p("n_symbols"), "must be in 2..52", self.n_symbols)
-        self.need(self.label_loops is None or self.label_loops >= 1, p("label_loops"), "must be >= 1 or null",
+        self.need(2 <= self.n_symbols <= 52, "n_symbols", "must be in 2..52", self.n_symbols)
+        self.need(self.label_loops is None or self.label_loops >= 1, "label_loops", "must be >= 1 or null",
                   self.label_loops)
-        self.need(self.val_hops is None or self.val_hops >= 1, p("val_hops"), "must be >= 1 or null", self.val_hops)
-        self.need(0.0 <= self.unmarked_fraction < 1.0, p("unmarked_fraction"), "must be in [0, 1)",
+        self.need(self.val_hops is None or self.val_hops >= 1, "val_hops", "must be >= 1 or null", self.val_hops)
+        self.need(0.0 <= self.unmarked_fraction < 1.0, "unmarked_fraction", "must be in [0, 1)",
                   self.unmarked_fraction)
-        self.need(self.unmarked_fraction == 0.0 or self.hop_marks, p("unmarked_fraction"),
+        self.need(self.unmarked_fraction == 0.0 or self.hop_marks, "unmarked_fraction",
                   "needs hop_marks: true (without marks every row is unmarked)", self.unmarked_fraction)
-        self.need(not self.mark_labels or self.hop_marks, p("mark_labels"), "needs hop_marks: true", self.mark_labels)
-        self.need(0.0 <= self.fixed_point_fraction < 1.0, p("fixed_point_fraction"), "must be in [0, 1)",
+        self.need(not self.mark_labels or self.hop_marks, "mark_labels", "needs hop_marks: true", self.mark_labels)
+        self.need(0.0 <= self.fixed_point_fraction < 1.0, "fixed_point_fraction", "must be in [0, 1)",
                   self.fixed_point_fraction)
         self.need(self.fixed_point_fraction == 0.0 or self.fixed_point_max_hops > self.max_hops,
-                  p("fixed_point_max_hops"), f"must be > max_hops={self.max_hops}", self.fixed_point_max_hops)
-        self.need(self.unmarked_depth is None or self.unmarked_depth >= 1, p("unmarked_depth"),
+                  "fixed_point_max_hops", f"must be > max_hops={self.max_hops}", self.fixed_point_max_hops)
+        self.need(self.unmarked_depth is None or self.unmarked_depth >= 1, "unmarked_depth",
                   "must be >= 1 or null", self.unmarked_depth)
-        self.need((self.source == "pointer") == (self.tokenizer == "pointer"), p("tokenizer"),
+        self.need((self.source == "pointer") == (self.tokenizer == "pointer"), "tokenizer",
                   "source 'pointer' brings its own word-level tokenizer: set data.tokenizer=pointer with it "
                   "(and only with it)", self.tokenizer)
-        self.need(0.0 < self.cpus_per_task, p("cpus_per_task"), "must be > 0", self.cpus_per_task)
-        self.need(self.docs_per_batch >= 1, p("docs_per_batch"), "must be >= 1", self.docs_per_batch)
-        self.need(bool(self.tokenizer), p("tokenizer"), "must name 'byte', a tokenizer.json or a hub name")
-        self.need(bool(self.text_column), p("text_column"), "must be a column name")
+        self.need(0.0 < self.cpus_per_task, "cpus_per_task", "must be > 0", self.cpus_per_task)
+        self.need(self.docs_per_batch >= 1, "docs_per_batch", "must be >= 1", self.docs_per_batch)
+        self.need(bool(self.tokenizer), "tokenizer", "must name 'byte', a tokenizer.json or a hub name")
+        self.need(bool(self.text_column), "text_column", "must be a column name")
 
     @property
     def row_len(self) -> int:
@@ -415,65 +244,36 @@ class DataConfig(Section):
         return load_tokenizer(self.tokenizer)
 
 
-@dataclass
 class ModelSection(Section):
     """A named model size (`mythos.variants.get_variant`) plus field overrides of its MythosConfig."""
 
     variant: str = "debug"
     """debug | 1b | 3b | 10b | 50b | 100b | 500b | 1t."""
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
     """MythosConfig fields replacing the variant's values, e.g. {n_loops: 8, lora_rank: 4}."""
 
-    def build(self, path: str = "model") -> MythosConfig:
-        """The variant's MythosConfig with the overrides applied; ConfigError names the bad key."""
-        base = _variant(self.variant, _join(path, "variant"))
-        opath = _join(path, "overrides")
-        hints = typing.get_type_hints(MythosConfig)
-        fields = {f.name for f in dataclasses.fields(MythosConfig)}
-        typed = {}
-        for key, value in self.overrides.items():
-            if key not in fields:
-                raise ConfigError(_join(opath, key), _unknown_message(key, fields, opath))
-            typed[key] = _convert(hints[key], value, _join(opath, key))
+    def build(self) -> MythosConfig:
+        """The variant's MythosConfig with the overrides applied; ConfigError names the bad key
+        (`variant`, or `overrides.<field>`)."""
         try:
-            return base.replace(**typed)
-        except _MythosConfigError as exc:
-            bad = _named_field(str(exc))
-            where = _join(opath, bad) if bad in typed else (_join(opath, bad) if bad else opath)
-            raise ConfigError(where, f"{exc} (variant {self.variant!r} with overrides {typed})") from None
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(opath, f"{type(exc).__name__}: {exc}") from None
+            base = get_variant(self.variant)
+        except ConfigError as exc:
+            raise ConfigError("variant", exc.detail) from None
+        try:
+            return MythosConfig.model_validate({**base.to_dict(), **self.overrides})
+        except ValidationError as exc:
+            err = config_error(exc, MythosConfig, "overrides")
+        field_name = err.path.removeprefix("overrides.").split(".")[0].split("[")[0]
+        if field_name in self.overrides or err.detail.startswith("unknown key"):
+            raise err
+        # a rule broken by a value the variant sets (e.g. its dim against an overridden n_heads)
+        raise ConfigError("overrides", f"{err.detail} (variant {self.variant!r} with overrides "
+                                       f"{self.overrides}, at {field_name})") from None
 
-    def check(self, path: str) -> None:
-        self.build(path or "model")
-
-
-def _named_field(message: str) -> str | None:
-    """The field a `mythos.config.ConfigError` message names ('MythosConfig.<name>=...')."""
-    marker = "MythosConfig."
-    if marker in message:
-        tail = message.split(marker, 1)[1]
-        name = ""
-        for ch in tail:
-            if not (ch.isalnum() or ch == "_"):
-                break
-            name += ch
-        return name or None
-    return None
+    def check(self) -> None:
+        self.build()
 
 
-def _variant(name: str, path: str) -> MythosConfig:
-    try:
-        from mythos.variants import get_variant
-    except ImportError:  # mythos.variants not there: the name cannot be checked here
-        return MythosConfig()
-    try:
-        return get_variant(name)
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(path, str(exc).strip("'\""), name) from None
-
-
-@dataclass
 class TrainConfig(Section):
     """The optimisation loop run by each Ray Train worker."""
 
@@ -522,22 +322,20 @@ class TrainConfig(Section):
     initialisation; parameters the folder lacks (e.g. a depth-wise LoRA added by a sweep) keep
     their initial values."""
 
-    def check(self, path: str) -> None:
-        p = lambda name: _join(path, name)  # noqa: E731
+    def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
-            self.need(getattr(self, name) >= 1, p(name), "must be >= 1", getattr(self, name))
-        self.need(self.lr > 0, p("lr"), "must be > 0", self.lr)
-        self.need(0 <= self.min_lr <= self.lr, p("min_lr"), f"must be in [0, lr={self.lr}]", self.min_lr)
-        self.need(0 <= self.warmup_steps <= self.steps, p("warmup_steps"), f"must be in [0, steps={self.steps}]",
+            self.need(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        self.need(self.lr > 0, "lr", "must be > 0", self.lr)
+        self.need(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}]", self.min_lr)
+        self.need(0 <= self.warmup_steps <= self.steps, "warmup_steps", f"must be in [0, steps={self.steps}]",
                   self.warmup_steps)
-        self.need(self.weight_decay >= 0, p("weight_decay"), "must be >= 0", self.weight_decay)
-        self.need(all(0 <= b < 1 for b in self.betas), p("betas"), "both must be in [0, 1)", list(self.betas))
-        self.need(self.grad_clip >= 0, p("grad_clip"), "must be >= 0 (0 disables)", self.grad_clip)
-        self.need(self.eval_every >= 0, p("eval_every"), "must be >= 0 (0 disables)", self.eval_every)
-        self.need(self.ponder_cost >= 0, p("ponder_cost"), "must be >= 0", self.ponder_cost)
+        self.need(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        self.need(all(0 <= b < 1 for b in self.betas), "betas", "both must be in [0, 1)", list(self.betas))
+        self.need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
+        self.need(self.eval_every >= 0, "eval_every", "must be >= 0 (0 disables)", self.eval_every)
+        self.need(self.ponder_cost >= 0, "ponder_cost", "must be >= 0", self.ponder_cost)
 
 
-@dataclass
 class CheckpointConfig(Section):
     """Sharded training checkpoints (resumable) and the exported model folder."""
 
@@ -550,9 +348,9 @@ class CheckpointConfig(Section):
     export_dir: str | None = None
     """Where the final config.json + model.safetensors go; null: <run.root>/export."""
 
-    def check(self, path: str) -> None:
-        self.need(self.every_steps >= 0, _join(path, "every_steps"), "must be >= 0", self.every_steps)
-        self.need(self.keep >= 1, _join(path, "keep"), "must be >= 1", self.keep)
+    def check(self) -> None:
+        self.need(self.every_steps >= 0, "every_steps", "must be >= 0", self.every_steps)
+        self.need(self.keep >= 1, "keep", "must be >= 1", self.keep)
 
     def resolved_storage_path(self, run_root: str) -> str:
         """storage_path, or an absolute `<run_root>/checkpoints` (Ray Train wants absolute paths)."""
@@ -564,7 +362,6 @@ class CheckpointConfig(Section):
         return os.path.abspath(self.export_dir or os.path.join(run_root, "export"))
 
 
-@dataclass
 class TrackingConfig(Section):
     """MLflow: one experiment per job kind; null tracking_uri means SQLite under the run root."""
 
@@ -574,11 +371,10 @@ class TrackingConfig(Section):
     run_name: str | None = None
     enabled: bool = True
 
-    def check(self, path: str) -> None:
-        self.need(bool(self.experiment), _join(path, "experiment"), "must be a non-empty name")
+    def check(self) -> None:
+        self.need(bool(self.experiment), "experiment", "must be a non-empty name")
 
 
-@dataclass
 class ScalingConfig(Section):
     """Ray Train workers and what each one asks the cluster for."""
 
@@ -586,15 +382,15 @@ class ScalingConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """Fractional values allowed (e.g. 0.5 to fit two workers and data tasks on 2 CPUs)."""
-    resources: dict[str, float] = field(default_factory=dict)
+    resources: dict[str, float] = Field(default_factory=dict)
     """Extra custom resources per worker, e.g. {accelerator_type:H100: 0.001}."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
-    def check(self, path: str) -> None:
-        self.need(self.num_workers >= 1, _join(path, "num_workers"), "must be >= 1", self.num_workers)
-        self.need(self.cpus_per_worker > 0, _join(path, "cpus_per_worker"), "must be > 0", self.cpus_per_worker)
+    def check(self) -> None:
+        self.need(self.num_workers >= 1, "num_workers", "must be >= 1", self.num_workers)
+        self.need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0", self.cpus_per_worker)
         for k, v in self.resources.items():
-            self.need(v >= 0, _join(path, f"resources.{k}"), "must be >= 0", v)
+            self.need(v >= 0, f"resources.{k}", "must be >= 0", v)
 
     def worker_resources(self) -> dict[str, float]:
         """`resources_per_worker` for ray.train.ScalingConfig."""
@@ -604,7 +400,6 @@ class ScalingConfig(Section):
         return res
 
 
-@dataclass
 class RunConfig(Section):
     """Where a job writes (MLflow store, checkpoints, exports) and how it recovers."""
 
@@ -614,64 +409,63 @@ class RunConfig(Section):
     max_failures: int = 0
     """Worker-group restarts from the latest checkpoint (Ray FailureConfig); -1: unlimited."""
 
-    def check(self, path: str) -> None:
-        self.need(bool(self.root), _join(path, "root"), "must be a path")
-        self.need(self.max_failures >= -1, _join(path, "max_failures"), "must be >= -1", self.max_failures)
+    def check(self) -> None:
+        self.need(bool(self.root), "root", "must be a path")
+        self.need(self.max_failures >= -1, "max_failures", "must be >= -1", self.max_failures)
 
 
-@dataclass
 class PretrainConfig(Section):
     """Everything `jobs/pretrain.py` needs."""
 
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
-    def check(self, path: str) -> None:
-        model = self.model.build(_join(path, "model"))
-        self.need(self.data.source == "pointer" or self.data.seq_len <= model.max_seq_len, _join(path, "data.seq_len"),
+    def check(self) -> None:
+        model = self.model.build()
+        self.need(self.data.source == "pointer" or self.data.seq_len <= model.max_seq_len, "data.seq_len",
                   f"must be <= the model's max_seq_len={model.max_seq_len}", self.data.seq_len)
         if self.data.tokenizer == "byte":
-            self.need(model.vocab_size >= 259, _join(path, "model.overrides.vocab_size"),
+            self.need(model.vocab_size >= 259, "model.overrides.vocab_size",
                       "must be >= 259 for the byte tokenizer", model.vocab_size)
         if self.train.parallelism == "fsdp" and self.scaling.num_workers > 1 and self.data.source == "pointer":
-            self.need(self.data.pair_embedding != "factored", _join(path, "data.pair_embedding"),
+            self.need(self.data.pair_embedding != "factored", "data.pair_embedding",
                       "factored is not supported with train.parallelism=fsdp yet (use ddp, or token)",
                       self.data.pair_embedding)
         if self.train.init_from:
-            self.need(Path(self.train.init_from, "model.safetensors").is_file(), _join(path, "train.init_from"),
+            self.need(Path(self.train.init_from, "model.safetensors").is_file(), "train.init_from",
                       "is not a model folder (config.json + model.safetensors)", self.train.init_from)
         if self.data.source == "pointer":
-            self._check_pointer(path, model)
+            self._check_pointer(model)
         else:
-            self.need(self.train.loop_schedule != "trajectory", _join(path, "train.loop_schedule"),
+            self.need(self.train.loop_schedule != "trajectory", "train.loop_schedule",
                       "trajectory needs per-loop labels from the data: use data.source=pointer, or 'random'",
                       self.train.loop_schedule)
 
-    def _check_pointer(self, path: str, model: MythosConfig) -> None:
+    def _check_pointer(self, model: MythosConfig) -> None:
         d, fmt = self.data, self.data.pointer_format()
-        self.need(model.vocab_size >= fmt.vocab_size, _join(path, "model.overrides.vocab_size"),
+        self.need(model.vocab_size >= fmt.vocab_size, "model.overrides.vocab_size",
                   f"must be >= {fmt.vocab_size} for {d.n_symbols} symbols", model.vocab_size)
         longest = [("max_hops", d.max_hops), ("val_hops", d.resolved_val_hops)]
         if d.fixed_point_fraction > 0:
             longest.append(("fixed_point_max_hops", d.fixed_point_max_hops))
         for key, hops in longest:
-            self.need(fmt.prompt_len(hops) <= model.max_seq_len, _join(path, f"data.{key}"),
+            self.need(fmt.prompt_len(hops) <= model.max_seq_len, f"data.{key}",
                       f"a {hops}-hop problem is {fmt.prompt_len(hops)} tokens, more than the model's "
                       f"max_seq_len={model.max_seq_len} (raise model.overrides.max_seq_len)", hops)
         if self.train.loop_schedule == "trajectory":
             loops = d.resolved_label_loops
-            self.need(loops >= d.max_hops, _join(path, "data.label_loops"),
+            self.need(loops >= d.max_hops, "data.label_loops",
                       f"must be >= max_hops={d.max_hops}: a trajectory "
                       "runs at least as many loops as the longest training chain", d.label_loops)
-            self.need(model.train_loops_max >= loops, _join(path, "model.overrides.train_loops_max"),
+            self.need(model.train_loops_max >= loops, "model.overrides.train_loops_max",
                       f"must be >= the {loops} loops a trajectory step runs (data.label_loops, default max_hops)",
                       model.train_loops_max)
-        self.need(not model.tie_embeddings, _join(path, "model.overrides.tie_embeddings"),
+        self.need(not model.tie_embeddings, "model.overrides.tie_embeddings",
                       "must be false with data.source=pointer (pair rows are initialised or factored as E[x] + "
                       "T[y]; a tied head would score every pair word like its source symbol)", model.tie_embeddings)
 
@@ -684,9 +478,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(item, "override must look like section.key=value")
     key, raw = item.split("=", 1)
-    key = key.strip()
-    if key.startswith("--"):
-        key = key[2:]
+    key = key.strip().removeprefix("--")
     parts = key.split(".")
     if not key or any(not p for p in parts):
         raise ConfigError(key or item, "override key must be a dotted path like train.lr")
@@ -715,20 +507,40 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
     return out
 
 
+def find_file(path: str | os.PathLike) -> Path | None:
+    """`path` itself if absolute, else tried against the working directory, then the repo root."""
+    p = Path(path).expanduser()
+    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_yaml(path: str | os.PathLike, key: str = "") -> dict[str, Any]:
+    """The mapping in the YAML file at `path` as written; ConfigError names `key`."""
+    found = find_file(path)
+    if found is None:
+        raise ConfigError(key or str(path), f"config file {str(path)!r} does not exist (relative paths are "
+                                            f"tried against the working directory, then {REPO_ROOT})")
+    try:
+        loaded = yaml.safe_load(found.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(key or str(path), f"{path} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(key or str(path), f"{path} must hold a mapping of sections at the top level")
+    return loaded or {}
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`b` merged over `a`: nested mappings key by key, anything else replaced."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (),
                 cls: type[S] = PretrainConfig) -> S:  # type: ignore[assignment]
     """Defaults < YAML file at `path` (optional) < `overrides` ('a.b=c'); validated, or ConfigError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(str(path), "config file does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(str(path), "must hold a mapping of sections at the top level")
-        data = loaded or {}
-    data = apply_overrides(data, overrides or ())
-    return cls.from_dict(data)
+    data = {} if path is None else read_yaml(path)
+    return cls.from_dict(apply_overrides(data, overrides or ()))

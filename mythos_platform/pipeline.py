@@ -10,65 +10,76 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import Field
 
-from .config import Section, _join
+from .config import PretrainConfig, Section
 from .registry import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, register_model
+from .serve.config import ServeConfig
+from .tune.config import SweepConfig
 
-STAGES = 5
 
 
-@dataclass
+def _from_file(cls, path: str):
+    return lambda: cls.from_dict({"extends": path})
+
+
 class PipelineConfig(Section):
-    """Which configs each stage starts from, and what the pipeline changes in them."""
+    """The stages' configs, each in its own job's shape (usually `extends:` that job's YAML and
+    changes a few values), and what the pipeline compares, evaluates and asks. The pipeline sets
+    every stage's run root to `root`, the run names, and the served model (the champion)."""
 
     root: str = "./runs/pipeline"
     """Run root of every stage: checkpoints, exports, the MLflow store and registry."""
-    pretrain_config: str = "jobs/configs/reasoning.yaml"
-    pretrain_overrides: list[str] = field(default_factory=list)
-    baseline_config: str | None = "jobs/configs/reasoning-baseline.yaml"
+    pretrain: PretrainConfig = Field(default_factory=_from_file(PretrainConfig, "jobs/configs/reasoning.yaml"))
+    """The looped model's pretraining."""
+    baseline: PretrainConfig | None = Field(
+        default_factory=_from_file(PretrainConfig, "jobs/configs/reasoning-baseline.yaml"))
     """The parameter-matched non-looped baseline, trained beside the looped model (null: none)."""
-    baseline_overrides: list[str] = field(default_factory=list)
-    sweep: bool = True
-    sweep_config: str = "jobs/configs/sweep-reasoning.yaml"
-    sweep_overrides: list[str] = field(default_factory=list)
-    """The sweep's base starts from the pretrained model (base.train.init_from is set to its export)."""
+    sweep: SweepConfig | None = Field(default_factory=_from_file(SweepConfig, "jobs/configs/sweep-reasoning.yaml"))
+    """The sweep; its base starts from the pretrained model (base.train.init_from is set to its
+    export). null: no sweep."""
     metric: str = "val_acc"
     """What the pretrained model and the sweep's trials are compared on for the registry."""
-    mode: str = "max"
-    eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    eval_max_hops: int = 16
+    mode: Literal["min", "max"] = "max"
+    eval_loops: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    eval_max_hops: int = Field(16, ge=1, le=16)
     """lm-eval tasks pointer_k1..pointer_k<eval_max_hops>; every task is also scored at loops = hops."""
-    eval_limit: int | None = 100
+    eval_limit: int | None = Field(100, ge=1)
     """Problems per hop count."""
-    eval_cpus_per_task: float = 0.5
-    serve_config: str = "jobs/configs/serve-debug.yaml"
-    serve_overrides: list[str] = field(default_factory=list)
-    question_hops: int = 8
+    eval_cpus_per_task: float = Field(0.5, gt=0)
+    serve: ServeConfig = Field(default_factory=_from_file(ServeConfig, "jobs/configs/serve-debug.yaml"))
+    """The Serve application; it serves models:/<registry name>@champion."""
+    question_hops: int = Field(8, ge=1, le=16)
     """The demo's last lines: one held-out question of this many hops ..."""
-    question_loops: list[int] = field(default_factory=lambda: [8, 2])
+    question_loops: list[int] = Field(default_factory=lambda: [8, 2], min_length=1)
     """... asked of the served model at each of these loop counts."""
     keep_serving: bool = True
     """Keep the endpoint up (until Ctrl-C) after the summary; false ends the job with it."""
 
-    def check(self, path: str) -> None:
-        for name in ("pretrain_config", "baseline_config", "sweep_config", "serve_config"):
-            value = getattr(self, name)
-            self.need(value is None or Path(value).is_file(), _join(path, name), "config file does not exist", value)
-        self.need(bool(self.eval_loops) and all(n >= 1 for n in self.eval_loops), _join(path, "eval_loops"),
-                  "must be a non-empty list of ints >= 1", self.eval_loops)
-        self.need(1 <= self.eval_max_hops <= 16, _join(path, "eval_max_hops"), "must be in 1..16", self.eval_max_hops)
-        self.need(self.eval_limit is None or self.eval_limit >= 1, _join(path, "eval_limit"), "must be >= 1 or null",
-                  self.eval_limit)
-        self.need(1 <= self.question_hops <= 16, _join(path, "question_hops"), "must be in 1..16",
-                  self.question_hops)
-        self.need(bool(self.question_loops) and all(n >= 1 for n in self.question_loops),
-                  _join(path, "question_loops"), "must be a non-empty list of ints >= 1", self.question_loops)
-        self.need(self.mode in ("min", "max"), _join(path, "mode"), "allowed: 'min', 'max'", self.mode)
+    def check(self) -> None:
+        self.need(all(n >= 1 for n in self.eval_loops), "eval_loops", "must be ints >= 1", self.eval_loops)
+        self.need(all(n >= 1 for n in self.question_loops), "question_loops", "must be ints >= 1",
+                  self.question_loops)
+        search = self.sweep.search if self.sweep is not None else None
+        self.need(search is None or (search.metric, search.mode) == (self.metric, self.mode), "metric",
+                  f"the sweep ranks on {search and search.metric} ({search and search.mode}) but the pipeline "
+                  f"registers the pretrained model on {self.metric} ({self.mode}): make them agree")
+
+    def stage_configs(self) -> tuple[PretrainConfig, PretrainConfig | None, SweepConfig | None, ServeConfig]:
+        """Every stage's config under this root, with its run name; the server serves the champion."""
+        root = str(Path(self.root).resolve())
+        common = {"run.root": root, "tracking.experiment": "mythos-pretrain"}
+        pre = self.pretrain.updated({**common, "run.name": "pipeline-pretrain"})
+        base = self.baseline.updated({**common, "run.name": "pipeline-baseline"}) if self.baseline else None
+        swp = self.sweep.updated({"root": root}) if self.sweep is not None else None
+        srv = self.serve.updated({"model.source": f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}"})
+        return pre, base, swp, srv
 
 
 @dataclass
@@ -100,37 +111,11 @@ class PipelineSummary:
     answers: list[Answer]
 
 
-def _stage_configs(cfg: PipelineConfig, root: Path):
-    """Validate every stage's config before any Ray work (a bad key fails here, naming it)."""
-    from .config import PretrainConfig, load_config
-    from .serve.config import ServeConfig
-    from .tune.config import load_sweep_config
-
-    pre = load_config(cfg.pretrain_config, [*cfg.pretrain_overrides, f"run.root={root}", "run.name=pipeline-pretrain",
-                                            "tracking.experiment=mythos-pretrain"], cls=PretrainConfig)
-    base = None
-    if cfg.baseline_config:
-        base = load_config(cfg.baseline_config, [*cfg.baseline_overrides, f"run.root={root}",
-                                                 "run.name=pipeline-baseline", "tracking.experiment=mythos-pretrain"],
-                           cls=PretrainConfig)
-    swp = None
-    if cfg.sweep:
-        swp = load_sweep_config(cfg.sweep_config, [*cfg.sweep_overrides, f"root={root}"])
-        if swp.search.metric != cfg.metric or swp.search.mode != cfg.mode:
-            from .config import ConfigError
-
-            raise ConfigError("metric", f"the sweep ranks on {swp.search.metric} ({swp.search.mode}) but the pipeline "
-                                        f"registers the pretrained model on {cfg.metric} ({cfg.mode}): make them agree")
-    srv = load_config(cfg.serve_config, [*cfg.serve_overrides, f"model.source=models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}"],
-                      cls=ServeConfig)
-    return pre, base, swp, srv
-
-
 def question(hops: int) -> dict[str, Any]:
     """A held-out question of the lm-eval task pointer_k<hops>: the first whose answer after fewer
     loops (any j < hops) differs from the right one, so a shallow answer shows as wrong. Chosen
     from the data alone, never from what a model answers."""
-    from evals.loop_sweep import task_rows
+    from evals.task_data import task_rows
 
     rows = task_rows(f"pointer_k{hops}")
     for row in rows:
@@ -141,90 +126,123 @@ def question(hops: int) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
-    from .depth.experiment import evaluate_depth
-    from .depth.report import report_from_points
-    from .ray_env import init_ray
-    from .serve.deploy import deploy
-    from .train.trainer import run_pretrains
-    from .tune.sweep import run_sweep
-
-    root = Path(cfg.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root}/mlflow.db"
-    pre_cfg, base_cfg, sweep_cfg, serve_cfg = _stage_configs(cfg, root)
-    serve_cfg = serve_cfg.replace(model={**serve_cfg.model.to_dict(), "tracking_uri": uri})
-    stages: dict[str, float] = {}
-
-    def stage(i: int, name: str) -> float:
-        print(f"\n[mythos pipeline] ===== {i}/{STAGES} {name} =====", flush=True)
-        return time.perf_counter()
-
-    t = stage(1, "pretrain the looped model" + (" and its baseline, side by side" if base_cfg else ""))
-    init_ray()
-    runs = run_pretrains([pre_cfg] + ([base_cfg] if base_cfg is not None else []))
-    pre = runs[0]
-    pre_metric = pre.metrics.get(cfg.metric)
-    champion: dict[str, Any] = {"pretrained": pre_metric}
-    if pre.mlflow_run_id and pre_metric is not None:
-        reg = register_model(uri, pre.mlflow_run_id, metric=float(pre_metric), metric_name=cfg.metric,
-                             lower_is_better=cfg.mode == "min")
-        champion.update(version=reg.champion_version, pretrained_version=reg.version)
-    stages["pretrain"] = time.perf_counter() - t
-
-    sweep_run = None
-    if sweep_cfg is not None:
-        t = stage(2, "sweep loop depth x LoRA rank, starting from the pretrained model")
-        base = sweep_cfg.base_dict()
-        base.setdefault("train", {})["init_from"] = str(pre.export_dir)
-        sres = run_sweep(sweep_cfg.replace(base=base))
-        sweep_run = sres.parent_run_id
-        if sres.best:
-            champion["sweep_best"] = sres.best["metric"]
-            champion["sweep_trial"] = sres.best["trial_id"]
-        if sres.registration:
-            champion.update(version=sres.registration.champion_version, sweep_version=sres.registration.version)
-        stages["sweep"] = time.perf_counter() - t
-
-    t = stage(3, "evaluate the champion (and the baseline) with lm-eval at several loop counts")
-    model_uri = f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}"
-    rdt_eval = evaluate_depth(model_uri, root, uri, cfg.eval_loops, cfg.eval_max_hops, cfg.eval_limit,
-                              cfg.eval_cpus_per_task, "pipeline-eval")
-    base_eval = None
-    if base_cfg is not None:
-        base_eval = evaluate_depth(str(runs[1].export_dir), root, uri, [1], cfg.eval_max_hops, cfg.eval_limit,
-                                   cfg.eval_cpus_per_task, "pipeline-eval-baseline", looped=False)
-    report = report_from_points(rdt_eval.points, base_eval.points if base_eval else (),
-                                trained_hops=pre_cfg.data.max_hops, loops=cfg.eval_loops,
-                                n_symbols=pre_cfg.data.n_symbols, limit=cfg.eval_limit)
-    plot_path = report.plot(root / "depth_extrapolation.png",
-                            title=f"champion {model_uri}: trained on <= {pre_cfg.data.max_hops} hops")
-    (root / "depth_extrapolation.md").write_text(report.markdown())
-    _log_report(uri, root, rdt_eval.run_id, report, plot_path)
-    stages["evaluate"] = time.perf_counter() - t
-
-    t = stage(4, "deploy the champion")
-    url = deploy(serve_cfg)
-    stages["deploy"] = time.perf_counter() - t
-
-    t = stage(5, f"ask the served model a {cfg.question_hops}-hop question")
-    headers = {}
-    key_env = serve_cfg.http.api_key_env
-    if key_env and os.environ.get(key_env):
-        headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-    model_name = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-    q = question(cfg.question_hops)
-    answers = []
-    for n in cfg.question_loops:
-        body = {"model": model_name, "prompt": q["prompt"], "max_tokens": 1, "temperature": 0.0, "n_loops": n}
-        resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
-        resp.raise_for_status()
-        c = resp.json()
-        text = c["choices"][0]["text"]
-        answers.append(Answer(n, text, c.get("mythos", {}).get("loops_used"), text.strip() == q["answer"].strip()))
-    stages["request"] = time.perf_counter() - t
-    return PipelineSummary(root, uri, stages, pre.mlflow_run_id, sweep_run, rdt_eval.run_id, champion,
-                           report.markdown(), plot_path, report.deepest_solved(), pre_cfg.data.max_hops, url,
+    """Run every stage in turn on the current Ray cluster (a local one is started if needed)."""
+    run = PipelineRun(cfg)
+    pre, base_export = run.pretrain()
+    sweep_run = run.sweep(pre.export_dir) if run.sweep_cfg is not None else None
+    eval_run, report, plot_path = run.evaluate(base_export)
+    url = run.deploy()
+    model_name, q, answers = run.ask(url)
+    return PipelineSummary(run.root, run.uri, run.stages, pre.mlflow_run_id, sweep_run, eval_run, run.champion,
+                           report.markdown(), plot_path, report.deepest_solved(), run.pre_cfg.data.max_hops, url,
                            model_name, q, answers)
+
+
+class PipelineRun:
+    """The stages of one pipeline run; each prints its banner and records its wall time."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root}/mlflow.db"
+        self.pre_cfg, self.base_cfg, self.sweep_cfg, serve_cfg = cfg.stage_configs()
+        self.serve_cfg = serve_cfg.updated({"model.tracking_uri": self.uri})
+        self.stages: dict[str, float] = {}
+        self.champion: dict[str, Any] = {}
+        self._number, self._total = 0, 5 if self.sweep_cfg is not None else 4
+
+    @contextmanager
+    def stage(self, key: str, title: str):
+        self._number += 1
+        print(f"\n[mythos pipeline] ===== {self._number}/{self._total} {title} =====", flush=True)
+        t = time.perf_counter()
+        yield
+        self.stages[key] = time.perf_counter() - t
+
+    def pretrain(self):
+        """Train the looped model (and the baseline beside it); register the looped one."""
+        from .ray_env import init_ray
+        from .train.trainer import run_pretrains
+
+        cfg = self.cfg
+        with self.stage("pretrain", "pretrain the looped model" + (" and its baseline, side by side"
+                                                                   if self.base_cfg else "")):
+            init_ray()
+            runs = run_pretrains([self.pre_cfg] + ([self.base_cfg] if self.base_cfg is not None else []))
+            pre = runs[0]
+            metric = pre.metrics.get(cfg.metric)
+            self.champion["pretrained"] = metric
+            if pre.mlflow_run_id and metric is not None:
+                reg = register_model(self.uri, pre.mlflow_run_id, metric=float(metric), metric_name=cfg.metric,
+                                     lower_is_better=cfg.mode == "min")
+                self.champion.update(version=reg.champion_version, pretrained_version=reg.version)
+        return pre, (runs[1].export_dir if len(runs) > 1 else None)
+
+    def sweep(self, pretrained: Path) -> str | None:
+        """The sweep, starting from the pretrained model; its best trial may become the champion."""
+        from .tune.sweep import run_sweep
+
+        with self.stage("sweep", "sweep loop depth x LoRA rank, starting from the pretrained model"):
+            sres = run_sweep(self.sweep_cfg.updated({"base.train.init_from": str(pretrained)}))
+            if sres.best:
+                self.champion.update(sweep_best=sres.best["metric"], sweep_trial=sres.best["trial_id"])
+            if sres.registration:
+                self.champion.update(version=sres.registration.champion_version,
+                                     sweep_version=sres.registration.version)
+        return sres.parent_run_id
+
+    def evaluate(self, baseline_export: Path | None):
+        """lm-eval of the champion at the loop counts (and the baseline), the depth table and plot."""
+        from .depth.experiment import evaluate_depth
+        from .depth.report import report_from_points
+
+        cfg, root, uri = self.cfg, self.root, self.uri
+        with self.stage("evaluate", "evaluate the champion (and the baseline) with lm-eval at several loop counts"):
+            model_uri = f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}"
+            rdt = evaluate_depth(model_uri, root, uri, cfg.eval_loops, cfg.eval_max_hops, cfg.eval_limit,
+                                 cfg.eval_cpus_per_task, "pipeline-eval")
+            base = None
+            if baseline_export is not None:
+                base = evaluate_depth(str(baseline_export), root, uri, [1], cfg.eval_max_hops, cfg.eval_limit,
+                                      cfg.eval_cpus_per_task, "pipeline-eval-baseline", looped=False)
+            hops = self.pre_cfg.data.max_hops
+            report = report_from_points(rdt.points, base.points if base else (), trained_hops=hops,
+                                        loops=cfg.eval_loops, n_symbols=self.pre_cfg.data.n_symbols,
+                                        limit=cfg.eval_limit)
+            plot_path = report.plot(root / "depth_extrapolation.png",
+                                    title=f"champion {model_uri}: trained on <= {hops} hops")
+            (root / "depth_extrapolation.md").write_text(report.markdown())
+            _log_report(uri, root, rdt.run_id, report, plot_path)
+        return rdt.run_id, report, plot_path
+
+    def deploy(self) -> str:
+        from .serve.deploy import deploy
+
+        with self.stage("deploy", "deploy the champion"):
+            return deploy(self.serve_cfg)
+
+    def ask(self, url: str):
+        """The deep question, asked of the served model at each of question_loops."""
+        cfg = self.cfg
+        with self.stage("request", f"ask the served model a {cfg.question_hops}-hop question"):
+            headers = {}
+            key_env = self.serve_cfg.http.api_key_env
+            if key_env and os.environ.get(key_env):
+                headers["Authorization"] = f"Bearer {os.environ[key_env]}"
+            model_name = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+            q = question(cfg.question_hops)
+            answers = []
+            for n in cfg.question_loops:
+                body = {"model": model_name, "prompt": q["prompt"], "max_tokens": 1, "temperature": 0.0,
+                        "n_loops": n}
+                resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+                resp.raise_for_status()
+                c = resp.json()
+                text = c["choices"][0]["text"]
+                answers.append(Answer(n, text, c.get("mythos", {}).get("loops_used"),
+                                      text.strip() == q["answer"].strip()))
+        return model_name, q, answers
 
 
 def _log_report(uri: str, root: Path, run_id: str | None, report, plot_path: Path) -> None:

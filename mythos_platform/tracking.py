@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from mythos_platform.config import TrackingConfig, flatten_dict
+from mythos_platform.figures import new_figure, save_figure, style_axes
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -100,29 +101,6 @@ def git_tags(path: str | os.PathLike = ".") -> dict[str, str]:
     return {"mlflow.source.git.commit": sha} if sha else {}
 
 
-def agg_figure(figsize: tuple[float, float] = (6, 4)):
-    """A matplotlib Figure on the non-interactive Agg backend (no display needed), and its axes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=100)
-    return fig, fig.add_subplot()
-
-
-def save_figure(fig, path: str | os.PathLike, legend: bool = True) -> Path:
-    """Grid (and legend) on the first axes, then the PNG at `path` (parents created)."""
-    ax = fig.axes[0]
-    if legend:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
 def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]] | Sequence[Mapping[str, float]],
                    path: str | os.PathLike, title: str = "loss", log_y: bool = False) -> Path:
     """Plot series to a PNG and return its path.
@@ -138,16 +116,15 @@ def loss_curve_png(history: Mapping[str, Sequence[tuple[int, float]]] | Sequence
             for k, v in row.items():
                 if k != "step" and v is not None:
                     series.setdefault(k, []).append((row["step"], float(v)))
-    fig, ax = agg_figure()
+    fig, ax = new_figure()
     for name, points in sorted(series.items()):
         pts = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
         if pts:
             ax.plot([s for s, _ in pts], [v for _, v in pts], label=name)
-    ax.set_xlabel("step")
-    ax.set_title(title)
     if log_y:
         ax.set_yscale("log")
-    return save_figure(fig, path, legend=bool(series))
+    style_axes(ax, xlabel="step", title=title)
+    return save_figure(fig, path)
 
 
 class Tracker:

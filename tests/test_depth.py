@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from evals.loop_sweep import EvalPoint, shallow_floor, task_hops
+from evals.task_data import shallow_floor, task_hops
 from mythos import Mythos
 from mythos_platform.config import ConfigError, load_config
 from mythos_platform.depth import DepthConfig, report_from_points, run_depth_experiment
+from mythos_platform.evaluation import EvalPoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "jobs/configs/depth-extrapolation.yaml"
@@ -27,12 +28,14 @@ def test_configs_are_two_pretraining_runs_of_about_the_same_size(tmp_path):
     assert rdt.run.root == base.run.root == str(tmp_path.resolve()) and rdt.run.name != base.run.name
     n_rdt, n_base = (Mythos(c.model.build()).num_parameters() for c in (rdt, base))
     assert abs(n_base / n_rdt - 1) < 0.05  # parameter-matched within 5%
-    with pytest.raises(ConfigError, match="rdt_config"):
-        load_config(CFG, ["rdt_config=jobs/configs/nope.yaml"], cls=DepthConfig)
+    with pytest.raises(ConfigError, match="^rdt.extends: config file 'jobs/configs/nope.yaml' does not exist"):
+        load_config(CFG, ["rdt.extends=jobs/configs/nope.yaml"], cls=DepthConfig)
     with pytest.raises(ConfigError, match="eval_max_hops"):
         load_config(CFG, ["eval_max_hops=17"], cls=DepthConfig)
-    with pytest.raises(ConfigError, match="train.lrr"):
-        load_config(CFG, ["rdt_overrides=[train.lrr=1]"], cls=DepthConfig)
+    with pytest.raises(ConfigError, match="^rdt.train.lrr: unknown key .did you mean 'lr'"):
+        load_config(CFG, ["rdt.train.lrr=1"], cls=DepthConfig)
+    with pytest.raises(ConfigError, match="^baseline.data.val_hops: got 90; a 90-hop problem"):
+        load_config(CFG, ["baseline.data.val_hops=90"], cls=DepthConfig)
 
 
 def test_task_hops_and_shallow_floor_come_from_the_task_data():
@@ -65,9 +68,9 @@ def test_short_depth_experiment_runs_both_models_through_the_trainer(ray_cluster
     short = ["train.steps=6", "train.warmup_steps=2", "train.log_every=3", "train.eval_every=6",
              "checkpoint.every_steps=6", "data.n_docs=512", "data.val_docs=32", "data.docs_per_batch=256",
              "train.batch_size=8", "scaling.cpus_per_worker=0.5"]
-    cfg = load_config(CFG, [f"root={tmp_path}", f"rdt_overrides=[run.name=r, {', '.join(short)}]",
-                            f"baseline_overrides=[run.name=b, {', '.join(short)}]", "eval_loops=[1,3]",
-                            "eval_max_hops=5", "eval_limit=10"], cls=DepthConfig)
+    sets = [f"{role}.{item}" for role in ("rdt", "baseline") for item in ["run.name=" + role[0], *short]]
+    cfg = load_config(CFG, [f"root={tmp_path}", *sets, "eval_loops=[1,3]", "eval_max_hops=5", "eval_limit=10"],
+                      cls=DepthConfig)
     res = run_depth_experiment(cfg)
     rep = res.report
     assert set(rep.grid) == {(h, n) for h in range(1, 6) for n in (1, 3)} | {(h, h) for h in range(1, 6)}

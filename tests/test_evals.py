@@ -1,4 +1,5 @@
-"""lm-eval integration: request types against direct computation, local tasks, CLI, the Ray sweep."""
+"""lm-eval integration: request types against direct computation, local tasks, CLI, the evaluation job,
+the Ray fan-out over loop counts (mythos_platform.evaluation)."""
 
 import json
 import subprocess
@@ -10,14 +11,16 @@ import torch
 
 from evals import catalog
 from evals.lm_model import MythosLM
-from evals.loop_sweep import SweepConfig, floor_start_symbol, run_sweep
-from evals.tasks import build_data
+from evals.task_data import floor_start_symbol
 from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from mythos import Mythos, get_variant
 from mythos.generation import generate
 from mythos.tokenizer import ByteTokenizer
+from mythos_platform.config import load_config
+from mythos_platform.data import eval_tasks
 from mythos_platform.data.multihop import generate_problems, render
+from mythos_platform.evaluation import LoopEvalConfig, run_loop_eval
 from mythos_platform.registry import ModelNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +122,9 @@ def test_adaptive_exit_reports_the_loops_it_ran(demo):
 
 
 def test_task_data_is_reproducible_and_held_out():
-    assert build_data.stale_files() == []
+    assert eval_tasks.stale_files() == []
     rows = [json.loads(line) for line in (catalog.TASKS_DIR / "data/multihop_k6.jsonl").read_text().splitlines()]
-    assert len(rows) == build_data.N_PER_TASK and all(r["hops"] == 6 and r["prompt"].endswith(">" * 6 + "=")
+    assert len(rows) == eval_tasks.N_PER_TASK and all(r["hops"] == 6 and r["prompt"].endswith(">" * 6 + "=")
                                                       for r in rows)
     train = {render(p)[0] for p in generate_problems(2000, range(1, 5), seed=0)}
     assert not train & {r["prompt"] for r in rows}
@@ -165,26 +168,62 @@ def test_cli_runs_a_local_task(demo, tmp_path):
     assert results["config"]["model"] == "mythos"
 
 
+def evaluate_job(argv: list[str]) -> int:
+    """`python jobs/evaluate.py ARGV` in process (`mythos evaluate ARGV`)."""
+    from mythos_platform.cli import run_job
+
+    return run_job("evaluate", argv)
+
+
 def test_job_rejects_unknown_model_before_starting_ray(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import evaluate as job
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
-    assert job.main(["--model", str(tmp_path / "missing"), "--tasks", "multihop_k1", "--run-root", str(tmp_path)]) == 2
+    cfg = ["--config", str(ROOT / "jobs/configs/evaluate-debug.yaml"), "--set", f"run_root={tmp_path}"]
+    # bad keys and values fail in one line naming the dotted key, exit status 2, before any Ray work
+    for sets, message in ((["loopz=[1, 2]"], "loopz: unknown key (did you mean 'loops'?)"),
+                          (["loops=[0, 2]"], "loops: got [0, 2]; must be positive ints"),
+                          (["exit_on=first"], "exit_on: got 'first'; allowed: 'all', 'last'"),
+                          (["limit=many"], "limit: got 'many'; expected a number")):
+        assert evaluate_job([*cfg, *(a for s in sets for a in ("--set", s))]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "eval").exists()  # nothing written either
+    assert evaluate_job([*cfg, "--model", str(tmp_path / "missing"), "--tasks", "multihop_k1"]) == 2
     assert "no such folder" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------ Ray: the loop sweep
+def test_job_config_file_and_convenience_flags(tmp_path):
+    from mythos_platform.cli import parser
+
+    shipped = load_config(ROOT / "jobs/configs/evaluate-debug.yaml", cls=LoopEvalConfig)
+    assert shipped == LoopEvalConfig(model="runs/debug/export/debug")  # the file sets the model; the rest are defaults
+
+    def config(*argv: str) -> LoopEvalConfig:
+        args = parser(only="evaluate").parse_args(["evaluate", *argv])
+        return load_config(ROOT / "jobs/configs/evaluate-debug.yaml", args.overrides, cls=LoopEvalConfig)
+
+    # --model / --tasks are --set model=... / tasks=[...], in command-line order with the --sets
+    cfg = config("--tasks", "multihop_k1,on", "--model", "models:/m@a", "--set", "limit=8.0")
+    assert cfg.tasks == ["multihop_k1", "on"] and cfg.model == "models:/m@a"
+    assert cfg.limit == 8 and isinstance(cfg.limit, int)  # a count, as lm-eval takes it
+    cfg = config("--tasks", "multihop_k1", "--set", "tasks=[multihop_k2]", "--set", "model=a", "--model", "b")
+    assert cfg.tasks == ["multihop_k2"] and cfg.model == "b"
+    # run as a script (ray job submit ... -- python jobs/evaluate.py), from another folder
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--config",
+                           str(ROOT / "jobs/configs/evaluate-debug.yaml"), "--set", "batch_size=0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "batch_size: got 0; must be >= 1" in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ Ray: loop counts fanned out
 
 
 @pytest.mark.ray
-def test_sweep_logs_per_loop_metrics_plot_and_tables(demo, ray_cluster, tmp_path):
+def test_loop_eval_logs_per_loop_metrics_plot_and_tables(demo, ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = SweepConfig(model=str(demo), loops=[1, 2], tasks=["multihop_k1"], exit_thresholds=[0.2], exit_max_loops=4,
-                      limit=8, batch_size=8, cpus_per_task=0.5, run_root=str(tmp_path), run_name="t")
-    res = run_sweep(cfg, progress=None)
+    cfg = LoopEvalConfig(model=str(demo), loops=[1, 2], tasks=["multihop_k1"], exit_thresholds=[0.2],
+                         exit_max_loops=4, limit=8, batch_size=8, cpus_per_task=0.5, run_root=str(tmp_path),
+                         run_name="t")
+    res = run_loop_eval(cfg, progress=None)
     assert not res.failures and len(res.points) == 3
     client = MlflowClient(res.tracking_uri)
     run = client.get_run(res.run_id)

@@ -1,14 +1,8 @@
 import json
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from mythos import ConfigError, MythosConfig, get_variant, VARIANTS
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -28,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):
-    with pytest.raises(ConfigError, match=rf"MythosConfig\.{field}="):
+    with pytest.raises(ConfigError, match=rf"^MythosConfig\.{field}: got "):
         MythosConfig(**overrides)
 
 
@@ -51,12 +45,3 @@ def test_variants_known_and_unknown():
     with pytest.raises(ConfigError, match="unknown model variant '2b'"):
         get_variant("2b")
     assert get_variant("debug", n_loops=7).n_loops == 7
-
-
-def test_model_package_never_imports_ray_or_distributed():
-    pattern = re.compile(r"^\s*(import|from)\s+(ray|torch\.distributed)\b|\btorch\.distributed\.\w", re.M)
-    offenders = [p.name for p in (ROOT / "mythos").glob("*.py") if pattern.search(p.read_text())]
-    assert offenders == []
-    code = "import sys, mythos, mythos.generation, mythos.checkpoint, mythos.sizing; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "False"

@@ -47,6 +47,47 @@ def test_dispatch_matches_masked_oracle_forward_and_backward(monkeypatch, groupe
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim, expert_dim", [(30, 24), (32, 30), (30, 30)])
+def test_widths_the_grouped_kernel_cannot_take_fall_back_and_match_the_oracle(dim, expert_dim):
+    """grouped_mm needs sizes that are multiples of 16 bytes; other widths are valid configs and
+    must take the per-slice path (they used to fail with "strides should be multiple of 16 bytes")."""
+    torch.manual_seed(1)
+    moe = MoE(dim=dim, n_experts=6, top_k=2, expert_dim=expert_dim)
+    moe.init_weights(0.2, 0.2)
+    x = torch.randn(3, 10, dim, requires_grad=True)
+    out, _ = moe(x)
+    ref = masked_reference(moe, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    params = [x, moe.w13, moe.w2, moe.router.weight]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_path_is_chosen_by_alignment_and_dtype(monkeypatch):
+    if moe_mod._GROUPED_MM is None:
+        pytest.skip("this torch has no grouped_mm")
+    w = torch.zeros(4, 36, 40)
+    assert moe_mod._grouped_mm_fits(torch.zeros(5, 36), w)  # fp32: multiples of 4 elements
+    assert not moe_mod._grouped_mm_fits(torch.zeros(5, 36, dtype=torch.bfloat16), w)  # bf16: of 8
+    assert not moe_mod._grouped_mm_fits(torch.zeros(5, 30), torch.zeros(4, 30, 40))
+    assert not moe_mod._grouped_mm_fits(torch.zeros(5, 36), torch.zeros(4, 36, 30))
+    assert not moe_mod._grouped_mm_fits(torch.zeros(0, 36), w)
+    # the aligned case really runs the grouped kernel (the parametrized oracle test above covers it)
+    calls = []
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM", lambda *a, **k: calls.append(1) or F.grouped_mm(*a, **k))
+    make_moe()(torch.randn(2, 3, 32))
+    assert len(calls) == 2
+    # bf16 at a width that is 16-byte aligned in fp32 but not in bf16: forward and backward run
+    torch.manual_seed(1)
+    moe = MoE(dim=36, n_experts=4, top_k=2, expert_dim=20).to(torch.bfloat16)
+    moe.init_weights(0.2, 0.2)
+    x = torch.randn(2, 5, 36, dtype=torch.bfloat16, requires_grad=True)
+    out, _ = moe(x)
+    out.float().sum().backward()
+    torch.testing.assert_close(out.float(), masked_reference(moe.float(), x.detach().float()), rtol=0.05, atol=0.05)
+
+
 def test_unused_experts_are_handled():
     moe = make_moe(n_experts=8, top_k=1)
     with torch.no_grad():

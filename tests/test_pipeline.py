@@ -22,17 +22,25 @@ def free_port() -> int:
 
 
 def test_bad_stage_config_fails_before_ray(tmp_path):
-    from mythos_platform.pipeline import _stage_configs
-
+    """Each stage's config is typed inside the pipeline's: a bad key anywhere fails at load time,
+    named by its dotted path through the pipeline config."""
     cfg = load_config(CFG, [f"root={tmp_path}"], cls=PipelineConfig)
-    with pytest.raises(ConfigError, match="train.lrr"):
-        _stage_configs(cfg.replace(pretrain_overrides=["train.lrr=1"]), tmp_path)
-    with pytest.raises(ConfigError, match="data.val_hops"):
-        _stage_configs(cfg.replace(baseline_overrides=["data.val_hops=90"]), tmp_path)
+    pre, base, swp, srv = cfg.stage_configs()
+    assert pre.run.root == base.run.root == swp.root == str(tmp_path.resolve())
+    assert srv.model.source == "models:/mythos-rdt@champion" and swp.name == "pipeline-sweep"
+    assert pre.train.batch_size == 32 and pre.train.loop_schedule == "trajectory"  # reasoning.yaml + the demo's change
+    with pytest.raises(ConfigError, match=r"^pretrain\.train\.lrr: unknown key \(did you mean 'lr'\?\)"):
+        load_config(CFG, ["pretrain.train.lrr=1"], cls=PipelineConfig)
+    with pytest.raises(ConfigError, match=r"^baseline\.data\.val_hops: got 90"):
+        load_config(CFG, ["baseline.data.val_hops=90"], cls=PipelineConfig)
+    with pytest.raises(ConfigError, match=r"^sweep\.base\.train\.lr: got -1"):
+        load_config(CFG, ["sweep.base.train.lr=-1"], cls=PipelineConfig)
     with pytest.raises(ConfigError, match="the sweep ranks on val_acc"):
-        _stage_configs(cfg.replace(metric="val_loss", mode="min"), tmp_path)
+        load_config(CFG, ["metric=val_loss", "mode=min"], cls=PipelineConfig)
     with pytest.raises(ConfigError, match="question_hops"):
         load_config(CFG, ["question_hops=17"], cls=PipelineConfig)
+    with pytest.raises(ConfigError, match=r"^serve\.extends: config file 'nope.yaml' does not exist"):
+        load_config(CFG, ["serve.extends=nope.yaml"], cls=PipelineConfig)
 
 
 def test_the_demo_question_needs_every_hop():
@@ -54,15 +62,17 @@ def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_pat
            "data.val_docs=64", "data.val_blocks=64", "data.val_hops=8"]
     base = ["train.steps=30", "train.warmup_steps=5", "train.eval_every=30", "checkpoint.every_steps=30",
             "data.n_docs=2000", "data.val_docs=32", "scaling.cpus_per_worker=0.4", "train.batch_size=8"]
+    sweep = ["name=t-sweep", "base.data.n_docs=6000", "base.data.val_docs=64", "base.data.val_hops=8",
+             "base.train.steps=160", "base.train.warmup_steps=20", "base.train.eval_every=40",
+             "base.checkpoint.every_steps=160", "asha.enabled=false", "space={data.label_loops: [4], "
+             "model.overrides.lora_rank: [0, 2]}"]
     sets = [
         f"root={tmp_path}", "keep_serving=false", "eval_loops=[2,8]", "eval_max_hops=8", "eval_limit=30",
-        f"pretrain_overrides=[scaling.num_workers=1, scaling.cpus_per_worker=1.0, train.batch_size=32, {', '.join(pre)}]",
-        f"baseline_overrides=[scaling.num_workers=1, {', '.join(base)}]",
-        "sweep_overrides=[name=t-sweep, base.data.n_docs=6000, base.data.val_docs=64, base.data.val_hops=8, "
-        "base.train.steps=160, base.train.warmup_steps=20, base.train.eval_every=40, base.checkpoint.every_steps=160, "
-        "asha.enabled=false, 'space={data.label_loops: [4], model.overrides.lora_rank: [0, 2]}']",
-        f"serve_config={ROOT / 'jobs/configs/serve-debug.yaml'}",
-        f"serve_overrides=[http.port={free_port()}, batching.max_wait_ms=5]",
+        *(f"pretrain.{item}" for item in ["scaling.num_workers=1", "scaling.cpus_per_worker=1.0",
+                                          "train.batch_size=32", *pre]),
+        *(f"baseline.{item}" for item in ["scaling.num_workers=1", *base]),
+        *(f"sweep.{item}" for item in sweep),
+        f"serve.http.port={free_port()}", "serve.batching.max_wait_ms=5",
     ]
     cfg = load_config(CFG, sets, cls=PipelineConfig)
     s = run_pipeline(cfg)

@@ -107,7 +107,7 @@ def test_unknown_nested_key_in_yaml(yaml_file):
         ("model.variant=7b", "model.variant", "unknown model variant"),
         ("model.overrides.dim=wide", "model.overrides.dim", "expected an integer"),
         ("model.overrides.n_heads=7", "model.overrides.n_heads", "must divide dim"),
-        ("model.overrides.attn_type=rnn", "model.overrides.attn_type", "gqa, mla"),
+        ("model.overrides.attn_type=rnn", "model.overrides.attn_type", "'gqa', 'mla'"),
         ("train.lr.peak=1", "train.lr", "expected a number"),
     ],
 )
@@ -158,3 +158,57 @@ def test_shipped_gpu_config():
     assert model.vocab_size >= 50257  # GPT-2's vocabulary
     assert model.max_seq_len >= cfg.data.seq_len
     assert cfg.scaling.worker_resources()["GPU"] == 1.0
+
+
+def test_extends_composes_files_and_own_keys_win(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  lr: 2.0e-3\n  steps: 40\n  warmup_steps: 4\ndata:\n  seq_len: 64\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {base}\ntrain:\n  steps: 80\n")
+    cfg = load_config(child, ["train.batch_size=3"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.batch_size, cfg.data.seq_len) == (2e-3, 80, 3, 64)
+    # a section extends a file too (how the pipeline and the sweep hold stage configs), at any depth
+    from mythos_platform.tune import SweepConfig
+
+    sweep = SweepConfig.from_dict({"base": {"extends": str(child), "train": {"steps": 90}},
+                                   "space": {"train.lr": [1e-3, 2e-3]}})
+    assert sweep.base.train.steps == 90 and sweep.base.train.lr == 2e-3 and sweep.base.data.seq_len == 64
+    # errors in an extended file are named by their place in the composed config
+    child.write_text(f"extends: {base}\ntrain:\n  stepz: 80\n")
+    with pytest.raises(ConfigError) as err:
+        SweepConfig.from_dict({"base": {"extends": str(child)}, "space": {"train.lr": [1e-3]}})
+    assert err.value.path == "base.train.stepz" and "did you mean 'steps'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"extends={tmp_path / 'nope.yaml'}"])
+    assert err.value.path == "extends" and "does not exist" in str(err.value)
+
+
+def test_updated_sets_dotted_keys_and_validates():
+    cfg = PretrainConfig()
+    new = cfg.updated({"run.root": "/tmp/x", "train.lr": 1e-3})
+    assert (new.run.root, new.train.lr, cfg.run.root) == ("/tmp/x", 1e-3, "./runs")
+    with pytest.raises(ConfigError) as err:
+        cfg.updated({"train.steps": 0})
+    assert err.value.path == "train.steps" and "must be >= 1" in str(err.value)
+
+
+def test_several_errors_are_all_named_and_unions_say_what_they_accept():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.lr=-1", "data.val_blocks=many", "scaling.gpus=2"])
+    assert err.value.path == "data.val_blocks" and "expected an integer" in str(err.value)
+    assert "also invalid: train.lr, scaling.gpus" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.min_score=high"])
+    assert str(err.value) == "data.min_score: got 'high'; expected a number"
+    from mythos_platform.evaluation.config import LoopEvalConfig
+
+    with pytest.raises(ConfigError) as err:
+        LoopEvalConfig.from_dict({"limit": "all"})
+    assert err.value.path == "limit" and "got 'all'" in str(err.value)
+
+
+def test_sections_document_their_fields():
+    # attribute docstrings are the field descriptions (and so the JSON schema's)
+    assert TrainConfig.model_fields["lr"].description == "Peak learning rate (after warmup)."
+    schema = PretrainConfig.model_json_schema()
+    assert "train" in schema["properties"] and "TrainConfig" in schema["$defs"]

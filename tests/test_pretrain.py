@@ -11,11 +11,26 @@ import torch
 from mythos.checkpoint import load_pretrained
 from mythos_platform.config import PretrainConfig, load_config
 from mythos_platform.train import run_pretrain
+from mythos_platform.train.faults import FAULT_FILE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
+@pytest.fixture(scope="module")
+def fault_file(tmp_path_factory):
+    """Where a test arms a worker fault (see mythos_platform.train.faults): the variable is set
+    before the module's Ray cluster starts, so every worker process inherits it."""
+    path = tmp_path_factory.mktemp("fault") / "fault.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_FILE_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(fault_file, ray_cluster):
+    """conftest's cluster, started with the fault variable set."""
+    yield ray_cluster
 
 
 def small_cfg(root: Path, **extra: str) -> PretrainConfig:
@@ -64,10 +79,15 @@ def test_fsdp_run_checkpoints_exports_and_tracks(ray_cluster, tmp_path):
     assert {"config.json", "model.safetensors"} <= model_files
 
 
-def test_killed_worker_resumes_from_checkpoint_without_rewinding_data(ray_cluster, tmp_path):
+def test_killed_worker_resumes_from_checkpoint_without_rewinding_data(ray_cluster, fault_file, tmp_path):
     marker = tmp_path / "killed"
     cfg = small_cfg(tmp_path / "run", **{"run.max_failures": "1", "train.parallelism": "ddp"})
-    res = run_pretrain(cfg, fault={"kill_at_step": 12, "marker": str(marker)})
+    # the last rank dies at step 12, once Ray Train has registered the step-8 checkpoint
+    fault_file.write_text(json.dumps({"kill_at_step": 12, "marker": str(marker), "wait_s": 5}))
+    try:
+        res = run_pretrain(cfg)
+    finally:
+        fault_file.unlink()
     assert marker.exists()  # a worker process really died (SIGKILL at step 12)
     state = read_state(res.checkpoint_path)
     # resumed from the step-8 checkpoint and went on to 24 steps; the data position continued
@@ -75,6 +95,11 @@ def test_killed_worker_resumes_from_checkpoint_without_rewinding_data(ray_cluste
     assert state["step"] == 24
     assert state["tokens"] == 24 * 4 * 64 * 2
     assert state["data_epoch"] == 0 and state["data_batches"] == 24
+    # it resumed rather than started over: the steps before the checkpoint were logged once
+    from mlflow.tracking import MlflowClient
+
+    loss = MlflowClient(res.tracking_uri).get_metric_history(res.mlflow_run_id, "loss")
+    assert sorted(m.step for m in loss) == [4, 8, 12, 16, 20, 24]
     # re-launching the same run name with more steps resumes from the last checkpoint
     more = run_pretrain(small_cfg(tmp_path / "run", **{"train.steps": "32", "train.parallelism": "ddp"}))
     assert read_state(more.checkpoint_path)["step"] == 32

@@ -21,7 +21,7 @@ def test_decay_strictly_inside_unit_interval_for_extreme_parameters(dtype):
     for tensor in (a, a.to(dtype)):  # the fp32 value and its cast into the parameter dtype
         assert torch.isfinite(tensor).all()
         assert (tensor > 0).all() and (tensor < 1).all(), tensor
-    # the gradient stays alive towards A -> 1 (the reference's was exactly 0 once x <= -20)
+    # the gradient stays alive towards A -> 1 (OpenMythos's exp(-exp(clamp(x, -20, 20))) has 0 below -20)
     inj2 = LTIInjection(4)
     inj2.init_weights()
     with torch.no_grad():
@@ -47,7 +47,7 @@ def test_injected_input_is_not_negligible_next_to_the_state():
     with torch.no_grad():
         model(x, n_loops=16)
     ratio = (captured["be"] / captured["h"]).item()
-    assert ratio > 0.3, ratio  # the reference's state was ~60x the injected signal (ratio ~0.017)
+    assert ratio > 0.3, ratio  # OpenMythos's block (x + attn + ffn into the state): ~60x, ratio ~0.017
 
 
 def test_more_loops_change_the_output_of_a_fresh_model():
@@ -138,19 +138,14 @@ def test_deep_supervision_returns_logits_per_differentiated_loop():
     assert len(out.state_norms) == 5
 
 
-def test_inputs_embeds_replace_the_token_embedding():
+def test_bad_inputs_are_refused_with_their_shape():
     model = Mythos(get_variant("debug")).eval()
-    x = torch.randint(0, 256, (2, 8))
-    with torch.no_grad():
-        ref = model(x, n_loops=3).logits
-        out = model(inputs_embeds=model.tok_emb(x), n_loops=3).logits
-    torch.testing.assert_close(out, ref)
-    with pytest.raises(ValueError, match="exactly one of input_ids"):
-        model(x, inputs_embeds=model.tok_emb(x))
-    with pytest.raises(ValueError, match="exactly one of input_ids"):
-        model(n_loops=2)
-    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, seq, dim=256\)"):
-        model(inputs_embeds=torch.zeros(2, 8, 7))
+    with pytest.raises(ValueError, match=r"input_ids must be a \(batch, seq\) tensor, got torch.Size\(\[8\]\)"):
+        model(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_loops must be an int >= 1"):
+        model(torch.zeros(2, 4, dtype=torch.long), n_loops=0)
 
 
 def test_input_gain_init_scales_the_injected_input():

@@ -18,8 +18,8 @@ GOOD_LR, BAD_LR = 3e-3, 1e-9  # BAD_LR cannot learn in 8 steps: ASHA must cut it
 def sweep_cfg(root: Path, name: str = "t-sweep", **extra) -> SweepConfig:
     data = {
         "name": name, "root": str(root), "experiment": "test-sweep",
-        "base_config": str(ROOT / "jobs/configs/debug.yaml"),
         "base": {
+            "extends": str(ROOT / "jobs/configs/debug.yaml"),
             "data": {"n_docs": 400, "val_docs": 60, "val_blocks": 4, "seq_len": 32},
             "train": {"steps": STEPS, "batch_size": 4, "warmup_steps": 2, "min_lr": 0.0, "log_every": 4,
                       "eval_every": 4, "val_batches": 1},
@@ -44,7 +44,7 @@ def sweep_cfg(root: Path, name: str = "t-sweep", **extra) -> SweepConfig:
     ("space.model.overrides.lora_rnk=[2,4]", "space.model.overrides.lora_rnk", "did you mean 'lora_rank'"),
     ("space.train.lr={uniformm: [1.0e-4, 1.0e-3]}", "space.train.lr", "unknown distribution 'uniformm'"),
     ("space.train.lr={loguniform: [0, 1]}", "space.train.lr", "0 < low < high"),
-    ("space.model.overrides.bptt_depth=[0, 2]", "space.model.overrides.bptt_depth", "must be an int >= 1"),
+    ("space.model.overrides.bptt_depth=[0, 2]", "space.model.overrides.bptt_depth", "must be >= 1"),
     ("space.model.overrides.train_loops_mean=[2.0, 99.0]", "space.model.overrides.train_loops_mean",
      "train_loops_max"),
     ("space.train.lr={uniform: [1.0e-4, 1.0e-3]}", "space.train.lr", "search.algorithm random"),

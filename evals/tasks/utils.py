@@ -19,6 +19,6 @@ def load_local(file: str, split: str = "test", **_metadata) -> dict[str, dataset
     (and the model arguments) as extra keywords; they are ignored."""
     path = DATA_DIR / file
     if not path.exists():
-        raise FileNotFoundError(f"{path}: task data missing; run `python -m evals.tasks.build_data`")
+        raise FileNotFoundError(f"{path}: task data missing; run `python -m mythos_platform.data.eval_tasks`")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {split: datasets.Dataset.from_list(rows)}

@@ -33,15 +33,15 @@ def evaluate_depth(model: str, root: Path, tracking_uri: str, loops: list[int], 
     """lm-eval on pointer_k1..pointer_k<max_hops>: a looped model at `loops` and at loops = m x hops
     (m in loops_per_hop, default [1]), with the adaptive exit at each threshold (capped at the
     largest of `loops`); a baseline at its single loop. Returns the evaluation job's result."""
-    from evals.loop_sweep import SweepConfig, run_sweep
+    from ..evaluation import LoopEvalConfig, run_loop_eval
 
-    cfg = SweepConfig(model=model, loops=list(loops) if looped else [1],
-                      tasks=[f"pointer_k{k}" for k in range(1, max_hops + 1)], limit=limit,
-                      cpus_per_task=cpus_per_task, run_root=str(root), tracking_uri=tracking_uri,
-                      run_name=run_name, loops_per_hop=(loops_per_hop or [1]) if looped else [],
-                      exit_thresholds=list(exit_thresholds or []) if looped else [], exit_on=exit_on,
-                      bootstrap_iters=0)
-    return run_sweep(cfg)
+    cfg = LoopEvalConfig(model=model, loops=list(loops) if looped else [1],
+                           tasks=[f"pointer_k{k}" for k in range(1, max_hops + 1)], limit=limit,
+                           cpus_per_task=cpus_per_task, run_root=str(root), tracking_uri=tracking_uri,
+                           run_name=run_name, loops_per_hop=(loops_per_hop or [1]) if looped else [],
+                           exit_thresholds=list(exit_thresholds or []) if looped else [], exit_on=exit_on,
+                           bootstrap_iters=0)
+    return run_loop_eval(cfg)
 
 
 def run_depth_experiment(cfg: DepthConfig) -> DepthResult:

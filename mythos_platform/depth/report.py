@@ -1,17 +1,18 @@
 """The depth table and plot: accuracy by hop count, the looped model at several loop counts and at
 loops = hops, beside a non-looped baseline, the shallow floor and chance.
 
-Inputs are lm-eval points (`evals.loop_sweep.EvalPoint`) of the `pointer_k<hops>` tasks, so the
-depth job and the pipeline report exactly what the evaluation job measured.
+Inputs are lm-eval points (`mythos_platform.evaluation.EvalPoint`) of the `pointer_k<hops>` tasks,
+so the depth job and the pipeline report exactly what the evaluation job measured.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from ..figures import new_figure, save_figure, style_axes
+from ..tables import MISSING, format_cell, markdown_table, to_csv
 
 
 @dataclass
@@ -76,7 +77,11 @@ class DepthReport:
         return out
 
     # ------------------------------------------------------------------------------ tables
-    def rows(self) -> tuple[list[str], list[list[str]]]:
+    def rows(self, missing: str = MISSING) -> tuple[list[str], list[list[str]]]:
+        """The header and, per hop count, the formatted cells (`missing` where nothing was measured)."""
+        def f(v: float | None, spec: str = ".2f") -> str:
+            return format_cell(v, spec, missing)
+
         head = ["hops", "loops = hops", *[f"loops = {m} x hops" for m in self.multiples],
                 *[f"{n} loops" for n in self.loops]]
         head += [f"exit {t:g}: acc @ mean loops" for t in sorted(self.exits)]
@@ -84,46 +89,35 @@ class DepthReport:
         head += ["shallow floor", "chance"]
         out = []
         for h in self.hops:
-            diag = self.at_loops_equal_hops(h)
-            row = [f"{h}{'*' if h <= self.trained_hops else ''}", _f(diag)]
-            row += [_f(self.grid.get((h, m * h))) for m in self.multiples]
-            row += [_f(self.grid.get((h, n))) for n in self.loops]
+            row = [f"{h}{'*' if h <= self.trained_hops else ''}", f(self.at_loops_equal_hops(h))]
+            row += [f(self.grid.get((h, m * h))) for m in self.multiples]
+            row += [f(self.grid.get((h, n))) for n in self.loops]
             for t in sorted(self.exits):
                 acc, used = self.exits[t].get(h, (None, None))
-                row.append(f"{_f(acc)} @ {_f(used, 1)}")
-            row += [_f(self.baseline.get(h))] if self.baseline else []
-            row += [_f(self.floor.get(h)), _f(1 / self.n_symbols)]
+                row.append(f(acc) if acc is None or used is None else f"{f(acc)} @ {f(used, '.1f')}")
+            row += [f(self.baseline.get(h))] if self.baseline else []
+            row += [f(self.floor.get(h)), f(1 / self.n_symbols)]
             out.append(row)
         return head, out
 
     def markdown(self) -> str:
         head, rows = self.rows()
-        md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
-        md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
-        md += (f"\n`*` hop counts seen in training (<= {self.trained_hops}); shallow floor: the best score of "
-               f"answering f^j(start) for one fixed j <= {self.trained_hops} (a random function's orbits cycle, "
-               f"so a model that never goes deeper still scores this); chance: 1/{self.n_symbols}.\n")
-        return md
+        return markdown_table(rows, head) + (
+            f"\n`*` hop counts seen in training (<= {self.trained_hops}); shallow floor: the best score of "
+            f"answering f^j(start) for one fixed j <= {self.trained_hops} (a random function's orbits cycle, "
+            f"so a model that never goes deeper still scores this); chance: 1/{self.n_symbols}.\n")
 
     def csv(self) -> str:
-        head, rows = self.rows()
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(head)
-        for r in rows:
-            w.writerow([r[0].rstrip("*"), *r[1:]])
-        return buf.getvalue()
+        """The table's cells as CSV: hop counts without the training mark, empty where nothing was measured."""
+        head, rows = self.rows(missing="")
+        return to_csv([[r[0].rstrip("*"), *r[1:]] for r in rows], head)
 
     # ------------------------------------------------------------------------------ plot
     def plot(self, path: str | Path, title: str = "") -> Path:
         import matplotlib
 
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
-
         hops = self.hops
-        fig = Figure(figsize=(8.5, 4.8), dpi=110)
-        ax = fig.add_subplot(1, 1, 1)
+        fig, ax = new_figure(size=(8.5, 4.8))
         cmap = matplotlib.colormaps["viridis"]
         for i, n in enumerate(self.loops):
             ax.plot(hops, [self.grid.get((h, n), float("nan")) for h in hops], marker="o", markersize=3,
@@ -144,22 +138,11 @@ class DepthReport:
                     label=f"shallow floor (best f^j, j <= {self.trained_hops})")
         ax.axhline(1 / self.n_symbols, color="grey", linestyle="-.", linewidth=1, label=f"chance (1/{self.n_symbols})")
         ax.axvspan(0.5, self.trained_hops + 0.5, color="0.9", zorder=0, label="trained hop counts")
-        ax.set_xlabel("hops (problem depth)")
-        ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(hops)
-        ax.set_title(title or f"More loops solve deeper problems: trained on <= {self.trained_hops} hops", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
-
-
-def _f(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+        style_axes(ax, xlabel="hops (problem depth)", ylabel="accuracy", legend="outside",
+                   title=title or f"More loops solve deeper problems: trained on <= {self.trained_hops} hops")
+        return save_figure(fig, path)
 
 
 def _nan(v: float | None) -> float:
@@ -170,7 +153,7 @@ def report_from_points(points: Sequence, baseline_points: Sequence = (), trained
                        loops: Sequence[int] = (), n_symbols: int = 16, limit: float | None = None,
                        loops_per_hop: Sequence[int] = (1,)) -> DepthReport:
     """A DepthReport from lm-eval points of pointer_k<hops> tasks (other tasks are ignored)."""
-    from evals.loop_sweep import shallow_floor, task_hops
+    from evals.task_data import shallow_floor, task_hops
 
     grid, base, floor, exits = {}, {}, {}, {}
     for p in points:

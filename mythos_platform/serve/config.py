@@ -8,14 +8,14 @@ Same rules as every job config (`mythos_platform.config`): unknown keys and bad 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mythos_platform.config import Section, _join
+from pydantic import Field
+
+from mythos_platform.config import Section
 from mythos_platform.registry import DEFAULT_ALIAS, DEFAULT_MODEL_NAME
 
 
-@dataclass
 class ServeModelConfig(Section):
     """Which model the replicas load and how."""
 
@@ -27,15 +27,15 @@ class ServeModelConfig(Section):
     """The model id clients pass (`model`); null: the registered name, or the folder's name."""
     device: str = "cpu"
     torch_threads: int = 1
+    """Intra-op threads per replica (one replica per CPU: 1)."""
     prefix_token: bool = True
     """Put the tokenizer's end-of-text token before every prompt: training documents follow an EOS
     separator (and reasoning-corpus rows start with one), so it is the start-of-document signal, as
     in the lm-eval adapter. Not counted in usage.prompt_tokens."""
-    """Intra-op threads per replica (one replica per CPU: 1)."""
 
-    def check(self, path: str) -> None:
-        self.need(bool(self.source), _join(path, "source"), "must be a model folder or a models:/ URI")
-        self.need(self.torch_threads >= 1, _join(path, "torch_threads"), "must be >= 1", self.torch_threads)
+    def check(self) -> None:
+        self.need(bool(self.source), "source", "must be a model folder or a models:/ URI")
+        self.need(self.torch_threads >= 1, "torch_threads", "must be >= 1", self.torch_threads)
 
     def model_id(self) -> str:
         if self.served_name:
@@ -46,7 +46,6 @@ class ServeModelConfig(Section):
         return src.replace("\\", "/").rsplit("/", 1)[-1] or "mythos"
 
 
-@dataclass
 class HTTPConfig(Section):
     """Where the Serve proxy listens and who may call it."""
 
@@ -57,14 +56,13 @@ class HTTPConfig(Section):
     api_key_env: str | None = "MYTHOS_API_KEY"
     """Environment variable holding the bearer token; unset or empty variable: no authentication."""
 
-    def check(self, path: str) -> None:
-        self.need(bool(self.host), _join(path, "host"), "must be a host name or address")
-        self.need(0 <= self.port <= 65535, _join(path, "port"), "must be in 0..65535", self.port)
-        self.need(self.route_prefix.startswith("/"), _join(path, "route_prefix"), "must start with '/'",
+    def check(self) -> None:
+        self.need(bool(self.host), "host", "must be a host name or address")
+        self.need(0 <= self.port <= 65535, "port", "must be in 0..65535", self.port)
+        self.need(self.route_prefix.startswith("/"), "route_prefix", "must start with '/'",
                   self.route_prefix)
 
 
-@dataclass
 class LimitsConfig(Section):
     """Per-request bounds; a request beyond them gets a 400 naming the field."""
 
@@ -81,15 +79,14 @@ class LimitsConfig(Section):
     """Stop strings per request."""
     max_body_bytes: int = 1 << 20
 
-    def check(self, path: str) -> None:
+    def check(self) -> None:
         for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_loops", "max_prompts",
                      "max_stop", "max_body_bytes"):
-            self.need(getattr(self, name) >= 1, _join(path, name), "must be >= 1", getattr(self, name))
-        self.need(self.default_max_tokens <= self.max_tokens, _join(path, "default_max_tokens"),
+            self.need(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        self.need(self.default_max_tokens <= self.max_tokens, "default_max_tokens",
                   f"must be <= max_tokens={self.max_tokens}", self.default_max_tokens)
 
 
-@dataclass
 class DefaultsConfig(Section):
     """Values of the extension fields when a request leaves them out."""
 
@@ -98,14 +95,13 @@ class DefaultsConfig(Section):
     exit_threshold: float | None = None
     """Adaptive exit: stop looping once the relative state change drops below it; null: off."""
 
-    def check(self, path: str) -> None:
-        self.need(self.n_loops is None or self.n_loops >= 1, _join(path, "n_loops"), "must be >= 1 or null",
+    def check(self) -> None:
+        self.need(self.n_loops is None or self.n_loops >= 1, "n_loops", "must be >= 1 or null",
                   self.n_loops)
-        self.need(self.exit_threshold is None or self.exit_threshold >= 0, _join(path, "exit_threshold"),
+        self.need(self.exit_threshold is None or self.exit_threshold >= 0, "exit_threshold",
                   "must be >= 0 or null", self.exit_threshold)
 
 
-@dataclass
 class BatchingConfig(Section):
     """Dynamic batching inside each replica (see mythos_platform/serve/engine.py: Batcher)."""
 
@@ -116,12 +112,11 @@ class BatchingConfig(Section):
     """Longest wait for more requests before a batch starts; only spent when the previous batch was
     larger than what is queued (a lone client never waits)."""
 
-    def check(self, path: str) -> None:
-        self.need(self.max_batch_size >= 1, _join(path, "max_batch_size"), "must be >= 1", self.max_batch_size)
-        self.need(self.max_wait_ms >= 0, _join(path, "max_wait_ms"), "must be >= 0", self.max_wait_ms)
+    def check(self) -> None:
+        self.need(self.max_batch_size >= 1, "max_batch_size", "must be >= 1", self.max_batch_size)
+        self.need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0", self.max_wait_ms)
 
 
-@dataclass
 class AutoscalingSection(Section):
     """Ray Serve autoscaling_config (used when enabled; otherwise deployment.num_replicas)."""
 
@@ -132,18 +127,17 @@ class AutoscalingSection(Section):
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 60.0
 
-    def check(self, path: str) -> None:
-        self.need(self.min_replicas >= 0, _join(path, "min_replicas"), "must be >= 0", self.min_replicas)
-        self.need(self.max_replicas >= max(1, self.min_replicas), _join(path, "max_replicas"),
+    def check(self) -> None:
+        self.need(self.min_replicas >= 0, "min_replicas", "must be >= 0", self.min_replicas)
+        self.need(self.max_replicas >= max(1, self.min_replicas), "max_replicas",
                   f"must be >= max(1, min_replicas={self.min_replicas})", self.max_replicas)
-        self.need(self.target_ongoing_requests > 0, _join(path, "target_ongoing_requests"), "must be > 0",
+        self.need(self.target_ongoing_requests > 0, "target_ongoing_requests", "must be > 0",
                   self.target_ongoing_requests)
 
     def to_ray(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k != "enabled"}
 
 
-@dataclass
 class DeploymentConfig(Section):
     """Ray Serve deployment options of the model server."""
 
@@ -160,17 +154,16 @@ class DeploymentConfig(Section):
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 20.0
-    autoscaling: AutoscalingSection = field(default_factory=AutoscalingSection)
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
 
-    def check(self, path: str) -> None:
-        p = lambda name: _join(path, name)  # noqa: E731
-        self.need(bool(self.app_name), p("app_name"), "must be a name")
-        self.need(self.num_replicas >= 1, p("num_replicas"), "must be >= 1", self.num_replicas)
-        self.need(self.num_cpus >= 0, p("num_cpus"), "must be >= 0", self.num_cpus)
-        self.need(self.num_gpus >= 0, p("num_gpus"), "must be >= 0", self.num_gpus)
-        self.need(self.max_ongoing_requests >= 1, p("max_ongoing_requests"), "must be >= 1",
+    def check(self) -> None:
+        self.need(bool(self.app_name), "app_name", "must be a name")
+        self.need(self.num_replicas >= 1, "num_replicas", "must be >= 1", self.num_replicas)
+        self.need(self.num_cpus >= 0, "num_cpus", "must be >= 0", self.num_cpus)
+        self.need(self.num_gpus >= 0, "num_gpus", "must be >= 0", self.num_gpus)
+        self.need(self.max_ongoing_requests >= 1, "max_ongoing_requests", "must be >= 1",
                   self.max_ongoing_requests)
-        self.need(self.max_queued_requests == -1 or self.max_queued_requests >= 1, p("max_queued_requests"),
+        self.need(self.max_queued_requests == -1 or self.max_queued_requests >= 1, "max_queued_requests",
                   "must be >= 1 or -1", self.max_queued_requests)
 
     def options(self) -> dict[str, Any]:
@@ -191,23 +184,22 @@ class DeploymentConfig(Section):
         return opts
 
 
-@dataclass
 class ServeConfig(Section):
     """Everything `jobs/serve.py` and the Serve application need."""
 
-    model: ServeModelConfig = field(default_factory=ServeModelConfig)
-    http: HTTPConfig = field(default_factory=HTTPConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    model: ServeModelConfig = Field(default_factory=ServeModelConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    def check(self, path: str) -> None:
+    def check(self) -> None:
         self.need(self.defaults.n_loops is None or self.defaults.n_loops <= self.limits.max_loops,
-                  _join(path, "defaults.n_loops"), f"must be <= limits.max_loops={self.limits.max_loops}",
+                  "defaults.n_loops", f"must be <= limits.max_loops={self.limits.max_loops}",
                   self.defaults.n_loops)
         self.need(self.deployment.max_ongoing_requests >= self.batching.max_batch_size,
-                  _join(path, "deployment.max_ongoing_requests"),
+                  "deployment.max_ongoing_requests",
                   f"must be >= batching.max_batch_size={self.batching.max_batch_size}",
                   self.deployment.max_ongoing_requests)

@@ -13,6 +13,7 @@ cluster; when Serve already runs with other options, `deploy` reports the addres
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import httpx
@@ -72,3 +73,33 @@ def deploy(cfg: ServeConfig, api_key: str | None = None, timeout_s: float = 300.
     url = base_url(host, port, cfg.http.route_prefix)
     wait_healthy(url, timeout_s)
     return url
+
+
+def resolve_served_model(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with the model checked before any replica starts: a local folder becomes an absolute
+    path, the MLflow tracking URI and the served name are filled in. Raises ModelNotFoundError."""
+    from ..registry import resolve_model
+
+    tracking = cfg.model.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    folder = resolve_model(cfg.model.source, tracking_uri=tracking)
+    sets: dict = {"model.tracking_uri": tracking}
+    if not cfg.model.source.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        sets["model.source"] = str(folder.resolve())
+    if not cfg.model.served_name:
+        sets["model.served_name"] = cfg.model.model_id()
+    return cfg.updated(sets)
+
+
+def example_request(url: str, model_id: str, key_env: str | None) -> str:
+    """A curl command and the openai client call that query the served model."""
+    auth = f' -H "Authorization: Bearer ${key_env}"' if key_env and os.environ.get(key_env) else ""
+    key = f'os.environ["{key_env}"]' if auth else '"none"'
+    return (
+        f"  curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f"    -d '{{\"model\": \"{model_id}\", \"prompt\": \"Q: \", \"max_tokens\": 32, \"temperature\": 0, "
+        f"\"n_loops\": 8}}'\n\n"
+        f"  from openai import OpenAI\n"
+        f"  client = OpenAI(base_url=\"{url}/v1\", api_key={key})\n"
+        f"  client.completions.create(model=\"{model_id}\", prompt=\"Q: \", max_tokens=32, "
+        f"extra_body={{\"n_loops\": 8}})"
+    )

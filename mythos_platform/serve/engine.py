@@ -22,7 +22,8 @@ adaptive exit, a group stops looping when all its rows have converged (a batch-w
 
 Stop strings are matched on the decoded text (byte-level tokens: a stop string may span tokens);
 text that could still be the start of a stop string, or an incomplete UTF-8 character, is held
-back until the next token decides.
+back until the next token decides (`mythos.stop.StopTracker`, shared with `generate` and the
+lm-eval adapter).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from mythos.checkpoint import load_pretrained
 from mythos.generation import SamplingParams, stream
+from mythos.stop import StopTracker
 from mythos.tokenizer import load_tokenizer_from_folder
 
 log = logging.getLogger("mythos")
@@ -67,49 +69,6 @@ class Finished:
 @dataclass
 class Failed:
     error: BaseException
-
-
-# ---------------------------------------------------------------------------------------
-# Stop strings on decoded text
-# ---------------------------------------------------------------------------------------
-class TextTracker:
-    """Incremental detokenization with stop strings.
-
-    `add(token)` returns (new text safe to send, stopped). Text that is a prefix of a stop string,
-    or ends in an incomplete character (U+FFFD from a partial UTF-8 sequence), is held back.
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tok = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = 0
-        """Characters of the decoded text already returned."""
-
-    def add(self, token: int) -> tuple[str, bool]:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        hits = [i for i in (text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            end = min(hits)
-            out, self.sent = text[self.sent:end], end
-            return out, True
-        safe = len(text)
-        while safe > self.sent and text[safe - 1] == "\ufffd":
-            safe -= 1
-        hold = 0
-        for k in range(min(safe - self.sent, max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(text[safe - k:safe]) for s in self.stop):
-                hold = k
-                break
-        out = text[self.sent:safe - hold]
-        self.sent += len(out)
-        return out, False
-
-    def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        out, self.sent = text[self.sent:], len(text)
-        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,7 +202,7 @@ class Engine:
         )
         self.batches_run += 1
         self.rows_run += len(jobs)
-        trackers = [TextTracker(self.tokenizer, j.stop) for j in jobs]
+        trackers = [StopTracker(self.tokenizer.decode, j.stop, params.stop_tokens) for j in jobs]
         held = [""] * len(jobs)  # text of non-streaming jobs, sent with Finished
         n_gen = [0] * len(jobs)
         loops = [0] * len(jobs)
@@ -259,12 +218,7 @@ class Engine:
                         continue
                     n_gen[i] += 1
                     loops[i] += step.loops_used
-                    t = toks[i]
-                    if t == self.eos_id and not job.ignore_eos:
-                        self._finish(job, "stop", held[i] + trackers[i].flush(), n_gen[i], loops[i])
-                        active.discard(i)
-                        continue
-                    text, stopped = trackers[i].add(t)
+                    text, stopped = trackers[i].add(toks[i])  # EOS (unless ignore_eos) or a stop string
                     if stopped:
                         self._finish(job, "stop", held[i] + text, n_gen[i], loops[i])
                         active.discard(i)

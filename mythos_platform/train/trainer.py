@@ -9,7 +9,6 @@ checkpoint under the storage path, and the same MLflow run is continued.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ..config import PretrainConfig
 from ..data.pipeline import build_datasets
 from ..ray_env import init_ray
 from ..tracking import Tracker, git_tags
-from .loop import train_loop_per_worker
+from .worker import train_loop_per_worker
 
 log = logging.getLogger("mythos.train")
 
@@ -58,9 +57,8 @@ def _find_mlflow_run(tracker: Tracker, name: str) -> str | None:
         return None
 
 
-def run_pretrain(cfg: PretrainConfig, fault: dict | None = None, *, datasets: dict[str, Any] | None = None,
-                 callbacks: list | None = None, tags: dict[str, str] | None = None,
-                 report_evals: bool = False) -> PretrainResult:
+def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
+                 tags: dict[str, str] | None = None, report_evals: bool = False) -> PretrainResult:
     """Train `cfg` on the current Ray cluster (starting a local one if needed).
 
     For callers that drive many runs (the Tune sweep): `datasets` are prebuilt {"train", "val"}
@@ -75,60 +73,18 @@ def run_pretrain(cfg: PretrainConfig, fault: dict | None = None, *, datasets: di
     storage = cfg.checkpoint.resolved_storage_path(str(run_root))  # a path or a URI (s3://, gs://)
     export_dir = Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
     init_ray()
-
-    tokenizer = cfg.data.build_tokenizer()
-    model_cfg = cfg.model.build()
     if datasets is None:
-        train_ds, val_ds = build_datasets(cfg.data, tokenizer)
+        train_ds, val_ds = build_datasets(cfg.data, cfg.data.build_tokenizer())
     else:
         train_ds, val_ds = datasets["train"], datasets.get("val")
+    datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
 
     tracker = Tracker(cfg.tracking, run_root)
-    run_id = _find_mlflow_run(tracker, name)
-    resumed = run_id is not None
-    if resumed:
-        tracker.run_id = run_id
-        try:
-            tracker.client.update_run(run_id, status="RUNNING")
-        except Exception as exc:
-            log.warning("could not reopen MLflow run %s: %s", run_id, exc)
-    else:
-        run_tags = {RUN_NAME_TAG: name, "mythos.job": "pretrain", "mythos.variant": cfg.model.variant,
-                "mythos.attn": model_cfg.attn_type, "mythos.loops.mean": model_cfg.train_loops_mean,
-                "mythos.loops.distribution": model_cfg.loop_distribution,
-                "mythos.loops.bptt": model_cfg.bptt_depth, **git_tags(Path(__file__).resolve().parents[2]),
-                **(tags or {})}
-        tracker.start(run_name=name, tags=run_tags)
-        tracker.log_params(cfg.to_dict())
-        tracker.log_params({"model_resolved": model_cfg.to_dict()})
-    tracker.log_dict(cfg.to_dict(), "config/pretrain.json")
-
-    train_datasets = {"train": train_ds}
-    if val_ds is not None:
-        train_datasets["val"] = val_ds
+    resumed = _open_mlflow_run(tracker, cfg, name, tags)
+    loop_config = {"cfg": cfg.to_dict(), "run_root": str(run_root), "mlflow_run_id": tracker.run_id,
+                   "export_dir": str(export_dir), "report_evals": report_evals}
+    trainer = _torch_trainer(cfg, name, str(storage), loop_config, datasets, callbacks)
     sc = cfg.scaling
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "run_root": str(run_root),
-            "mlflow_run_id": tracker.run_id,
-            "export_dir": str(export_dir),
-            "fault": fault,
-            "report_evals": report_evals,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=sc.worker_resources(),
-                                               placement_strategy=sc.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            callbacks=list(callbacks) if callbacks else None,
-        ),
-        datasets=train_datasets,
-    )
     print(f"[mythos] training run '{name}' ({cfg.model.variant}, {sc.num_workers} workers, "
           f"{cfg.train.parallelism}){' — resuming' if resumed else ''}; checkpoints in {storage}/{name}", flush=True)
     try:
@@ -136,15 +92,64 @@ def run_pretrain(cfg: PretrainConfig, fault: dict | None = None, *, datasets: di
     except Exception:
         tracker.end("FAILED")
         raise
-    metrics = dict(result.metrics or {})
+    _finish_mlflow_run(tracker, export_dir)
+    return PretrainResult(name, run_root, dict(result.metrics or {}),
+                          result.checkpoint.path if result.checkpoint else None, export_dir, tracker.run_id,
+                          tracker.uri)
+
+
+def _open_mlflow_run(tracker: Tracker, cfg: PretrainConfig, name: str, tags: dict[str, str] | None) -> bool:
+    """Continue the MLflow run of an earlier launch with this name (True), or start one with the
+    config as params and the model's shape as tags (False)."""
+    run_id = _find_mlflow_run(tracker, name)
+    if run_id is not None:
+        tracker.run_id = run_id
+        try:
+            tracker.client.update_run(run_id, status="RUNNING")
+        except Exception as exc:
+            log.warning("could not reopen MLflow run %s: %s", run_id, exc)
+    else:
+        model_cfg = cfg.model.build()
+        run_tags = {RUN_NAME_TAG: name, "mythos.job": "pretrain", "mythos.variant": cfg.model.variant,
+                    "mythos.attn": model_cfg.attn_type, "mythos.loops.mean": model_cfg.train_loops_mean,
+                    "mythos.loops.distribution": model_cfg.loop_distribution,
+                    "mythos.loops.bptt": model_cfg.bptt_depth, **git_tags(Path(__file__).resolve().parents[2]),
+                    **(tags or {})}
+        tracker.start(run_name=name, tags=run_tags)
+        tracker.log_params(cfg.to_dict())
+        tracker.log_params({"model_resolved": model_cfg.to_dict()})
+    tracker.log_dict(cfg.to_dict(), "config/pretrain.json")
+    return run_id is not None
+
+
+def _torch_trainer(cfg: PretrainConfig, name: str, storage: str, loop_config: dict[str, Any],
+                   datasets: dict[str, Any], callbacks: list | None) -> TorchTrainer:
+    sc = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=sc.worker_resources(),
+                                               placement_strategy=sc.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=list(callbacks) if callbacks else None,
+        ),
+        datasets=datasets,
+    )
+
+
+def _finish_mlflow_run(tracker: Tracker, export_dir: Path) -> None:
+    """The loss curve plot and the exported model as artifacts; the run FINISHED."""
     history = tracker.metric_history("loss")
     if history:
         tracker.log_loss_curve({"loss": history, "val_loss": tracker.metric_history("val_loss")})
     if export_dir.exists():
         tracker.log_artifact(str(export_dir), artifact_path="model")
     tracker.end("FINISHED")
-    return PretrainResult(name, run_root, metrics, result.checkpoint.path if result.checkpoint else None,
-                          export_dir, tracker.run_id, tracker.uri)
 
 
 def print_summary(res: PretrainResult) -> None:

@@ -4,28 +4,23 @@
     cfg.pretrain_base()            # the PretrainConfig every trial starts from
     cfg.params()                   # the searched keys, validated
 
-A sweep names a base pretraining YAML (`base_config`), overrides some of its values (`base`,
-a nested mapping in the pretrain config's own shape), and searches dotted keys of it
-(`space`, see `mythos_platform.tune.space`). Validation builds the base and checks every
-search-space entry before any Ray work starts; errors name the dotted key.
+A sweep's `base` is the pretraining config every trial starts from, in that config's own shape
+(usually `extends:` a pretraining YAML and changes some values), and `space` names dotted keys
+of it to search (see `mythos_platform.tune.space`). Validation builds the base and checks every
+search-space entry before any Ray work starts; errors name the dotted key (`base.train.lr`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from pydantic import Field
 
-from ..config import ConfigError, PretrainConfig, Section, _join, apply_overrides, load_config
-from .space import Param, apply_params, grid_size, parse_space, validate_space
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..config import ConfigError, PretrainConfig, Section, load_config
+from .space import Param, grid_size, parse_space, validate_space
 
 
-@dataclass
 class SearchConfig(Section):
     """How trials are drawn from the space and what they compete on."""
 
@@ -41,19 +36,18 @@ class SearchConfig(Section):
     max_concurrent_trials: int | None = None
     """null: as many trials as the cluster's CPUs (GPUs) hold at once, see `trial_cpus` and base.scaling."""
 
-    def check(self, path: str) -> None:
-        self.need(self.num_samples >= 1, _join(path, "num_samples"), "must be >= 1", self.num_samples)
+    def check(self) -> None:
+        self.need(self.num_samples >= 1, "num_samples", "must be >= 1", self.num_samples)
         self.need(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
-                  _join(path, "max_concurrent_trials"), "must be >= 1 or null", self.max_concurrent_trials)
+                  "max_concurrent_trials", "must be >= 1 or null", self.max_concurrent_trials)
         if self.algorithm == "optuna":
             try:
                 import optuna  # noqa: F401
             except ImportError:
-                raise ConfigError(_join(path, "algorithm"), "optuna is not installed (pip install optuna -c "
+                raise ConfigError("algorithm", "optuna is not installed (pip install optuna -c "
                                                             "constraints.txt), or use grid / random") from None
 
 
-@dataclass
 class AshaConfig(Section):
     """Asynchronous successive halving on the search metric, in training steps."""
 
@@ -66,15 +60,14 @@ class AshaConfig(Section):
     max_t: int | None = None
     """Steps of a full trial; null: base.train.steps."""
 
-    def check(self, path: str) -> None:
-        self.need(self.grace_period >= 1, _join(path, "grace_period"), "must be >= 1", self.grace_period)
-        self.need(self.reduction_factor > 1, _join(path, "reduction_factor"), "must be > 1", self.reduction_factor)
-        self.need(self.brackets >= 1, _join(path, "brackets"), "must be >= 1", self.brackets)
-        self.need(self.max_t is None or self.max_t >= self.grace_period, _join(path, "max_t"),
+    def check(self) -> None:
+        self.need(self.grace_period >= 1, "grace_period", "must be >= 1", self.grace_period)
+        self.need(self.reduction_factor > 1, "reduction_factor", "must be > 1", self.reduction_factor)
+        self.need(self.brackets >= 1, "brackets", "must be >= 1", self.brackets)
+        self.need(self.max_t is None or self.max_t >= self.grace_period, "max_t",
                   f"must be >= grace_period={self.grace_period} or null", self.max_t)
 
 
-@dataclass
 class RegistryConfig(Section):
     """Where the best trial's exported model is registered (evaluation and serving resolve it)."""
 
@@ -83,13 +76,12 @@ class RegistryConfig(Section):
     alias: str = "champion"
     """Moves to the new version only if it beats the alias's current version on search.metric."""
 
-    def check(self, path: str) -> None:
-        self.need(bool(self.model_name), _join(path, "model_name"), "must be a name")
-        self.need(bool(self.alias) and not self.alias.isdigit(), _join(path, "alias"),
+    def check(self) -> None:
+        self.need(bool(self.model_name), "model_name", "must be a name")
+        self.need(bool(self.alias) and not self.alias.isdigit(), "alias",
                   "must be a name (not a number)", self.alias)
 
 
-@dataclass
 class PlotConfig(Section):
     """The parent run's plot: the metric against `x`, one line per value of `group`."""
 
@@ -97,7 +89,6 @@ class PlotConfig(Section):
     group: str = "model.overrides.lora_rank"
 
 
-@dataclass
 class SweepConfig(Section):
     """Everything `jobs/sweep.py` needs."""
 
@@ -108,26 +99,26 @@ class SweepConfig(Section):
     """Run root shared by every trial: MLflow store + registry, checkpoints, exports, Tune state."""
     experiment: str = "mythos-sweep"
     """MLflow experiment of the parent run and its child (trial) runs."""
-    base_config: str | None = "jobs/configs/debug.yaml"
-    """Pretraining YAML the trials start from (relative to the working directory or the repo root)."""
-    base: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the base config, in its own nested shape (e.g. {train: {steps: 200}})."""
-    space: dict[str, Any] = field(default_factory=dict)
+    base: PretrainConfig = Field(default_factory=PretrainConfig)
+    """The pretraining config the trials start from, e.g. {extends: jobs/configs/debug.yaml, train:
+    {steps: 200}}. The sweep sets each trial's run root and name, MLflow experiment and run name,
+    and checkpoint paths (under the sweep's root)."""
+    space: dict[str, Any] = Field(default_factory=dict)
     """Dotted pretrain-config keys to search (see mythos_platform.tune.space)."""
-    search: SearchConfig = field(default_factory=SearchConfig)
-    asha: AshaConfig = field(default_factory=AshaConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    asha: AshaConfig = Field(default_factory=AshaConfig)
     trial_cpus: float = 0.1
     """CPUs of each trial's driver (the Tune function that runs the TorchTrainer); its train workers
     ask for base.scaling.cpus_per_worker each on top, and the Train controller for none."""
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    plot: PlotConfig = field(default_factory=PlotConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    plot: PlotConfig = Field(default_factory=PlotConfig)
 
-    def check(self, path: str) -> None:
-        self.need(bool(self.name) and "/" not in self.name, _join(path, "name"), "must be a name without '/'",
+    def check(self) -> None:
+        self.need(bool(self.name) and "/" not in self.name, "name", "must be a name without '/'",
                   self.name)
-        self.need(bool(self.root), _join(path, "root"), "must be a path")
-        self.need(self.trial_cpus > 0, _join(path, "trial_cpus"), "must be > 0", self.trial_cpus)
-        self.need(bool(self.space), _join(path, "space"), "must name at least one key to search")
+        self.need(bool(self.root), "root", "must be a path")
+        self.need(self.trial_cpus > 0, "trial_cpus", "must be > 0", self.trial_cpus)
+        self.need(bool(self.space), "space", "must name at least one key to search")
         base = self.pretrain_base()
         self.need(base.train.eval_every >= 1, "base.train.eval_every",
                   f"must be >= 1: trials report {self.search.metric} at evaluation steps")
@@ -140,29 +131,15 @@ class SweepConfig(Section):
 
     # --- derived ------------------------------------------------------------------------
     def base_dict(self) -> dict[str, Any]:
-        """The base pretrain config as a plain dict: file < `base` overrides < what the sweep sets."""
-        data: dict[str, Any] = {}
-        if self.base_config:
-            path = _find(self.base_config)
-            if path is None:
-                raise ConfigError("base_config", "file not found (relative paths are tried against the working "
-                                                 f"directory, then {REPO_ROOT})", self.base_config)
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError("base_config", "must hold a mapping of sections", self.base_config)
-            data = loaded
-        data = _merge(data, self.base)
-        data = apply_overrides(data, [f"run.root={os.path.abspath(self.root)}", f"tracking.experiment={self.experiment}",
-                                      f"tracking.run_name={self.name}"])
-        for key in ("storage_path", "export_dir"):
-            data.get("checkpoint", {}).pop(key, None)  # trials keep theirs under the sweep root
+        """The base pretrain config as a plain dict, with what the sweep sets for every trial."""
+        data = self.base.to_dict()
+        data["run"]["root"] = os.path.abspath(self.root)
+        data["tracking"].update(experiment=self.experiment, run_name=self.name)
+        data["checkpoint"].update(storage_path=None, export_dir=None)  # trials keep theirs under the sweep root
         return data
 
     def pretrain_base(self) -> PretrainConfig:
-        try:
-            return PretrainConfig.from_dict(self.base_dict())
-        except ConfigError as exc:
-            raise ConfigError(f"base.{exc.path}" if exc.path else "base", str(exc).split(": ", 1)[-1]) from None
+        return PretrainConfig.from_dict(self.base_dict(), "base")
 
     def params(self) -> list[Param]:
         params = parse_space(self.space)
@@ -171,28 +148,6 @@ class SweepConfig(Section):
 
     def num_trials(self) -> int:
         return grid_size(self.params(), self.search.algorithm, self.search.num_samples)
-
-    def trial_config(self, values: dict[str, Any], run_name: str) -> PretrainConfig:
-        """The PretrainConfig of one trial: the base with the trial's values and its own run name."""
-        data = apply_params(self.base_dict(), values)
-        data["run"]["name"] = run_name
-        data["tracking"]["run_name"] = run_name
-        return PretrainConfig.from_dict(data)
-
-
-def _find(path: str) -> Path | None:
-    p = Path(path).expanduser()
-    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_sweep_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> SweepConfig:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..tracking import agg_figure, save_figure
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
+from .. import tables
+from ..figures import new_figure, save_figure, style_axes
 
 
 def table_columns(param_keys: Sequence[str]) -> list[str]:
@@ -22,26 +15,21 @@ def table_columns(param_keys: Sequence[str]) -> list[str]:
 
 
 def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: row.get(c) for c in columns})
-    return buf.getvalue()
+    """One line per trial; parameters at full precision, None/NaN empty."""
+    return tables.to_csv(rows, columns)
 
 
 def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str], metric: str) -> str:
+    """One line per trial, the metric columns named after `metric`; floats to 4 significant digits
+    (learning rates stay readable), None/NaN as '—'."""
     names = [metric if c == "metric" else f"best {metric}" if c == "best_metric" else c for c in columns]
-    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return tables.markdown_table(rows, columns, headers=names, spec=".4g")
 
 
 def metric_plot(rows: Sequence[dict[str, Any]], x: str, group: str, metric: str, path: str | Path,
                 title: str = "") -> Path:
     """The best metric each trial reached against `x`, one line per `group` value; stopped trials hollow."""
-    fig, ax = agg_figure()
+    fig, ax = new_figure()
     groups: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
         if isinstance(row.get("best_metric"), float) and math.isfinite(row["best_metric"]):
@@ -58,7 +46,6 @@ def metric_plot(rows: Sequence[dict[str, Any]], x: str, group: str, metric: str,
         if stopped:
             ax.scatter([r.get(x) for r in stopped], [r["best_metric"] for r in stopped], facecolors="none",
                        edgecolors=line.get_color(), s=60)
-    ax.set_xlabel(x.split(".")[-1] + " (loop depth)")
-    ax.set_ylabel(f"best {metric} (hollow: stopped early)")
-    ax.set_title(title or f"{metric} against loop depth")
-    return save_figure(fig, path, legend=bool(groups))
+    style_axes(ax, xlabel=x.split(".")[-1] + " (loop depth)", ylabel=f"best {metric} (hollow: stopped early)",
+               title=title or f"{metric} against loop depth")
+    return save_figure(fig, path)

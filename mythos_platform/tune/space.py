@@ -17,13 +17,14 @@ before any trial starts.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import itertools
 import math
 import typing
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel
 
 from mythos.config import MythosConfig
 
@@ -161,8 +162,8 @@ def check_key(key: str, path: str = "space") -> None:
     cls: Any = PretrainConfig
     for i, part in enumerate(parts):
         done = ".".join(parts[:i])
-        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
-            fields = {f.name for f in dataclasses.fields(cls)}
+        if _is_section(cls):
+            fields = set(cls.model_fields)
             if part not in fields:
                 close = difflib.get_close_matches(part, sorted(fields), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -171,15 +172,19 @@ def check_key(key: str, path: str = "space") -> None:
             if done == "model" and part == "overrides":
                 cls = MythosConfig
             else:
-                cls = typing.get_type_hints(cls)[part]
+                cls = cls.model_fields[part].annotation
         elif typing.get_origin(cls) is dict:
             if i != len(parts) - 1:
                 raise ConfigError(where, f"{'.'.join(parts[:i + 1])} is a value, not a section")
             return
         else:
             raise ConfigError(where, f"{done} is a value, not a section")
-    if isinstance(cls, type) and dataclasses.is_dataclass(cls) or typing.get_origin(cls) is dict:
+    if _is_section(cls) or typing.get_origin(cls) is dict:
         raise ConfigError(where, "names a whole section; search one of its fields")
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
 def _is_leaf(key: str) -> bool:

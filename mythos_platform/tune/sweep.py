@@ -259,96 +259,142 @@ def _register(cfg: SweepConfig, tracker: Tracker, best: dict[str, Any]) -> Regis
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep `cfg` on the current Ray cluster, starting a local one if needed."""
-    from ray import tune
-
-    t0 = time.perf_counter()
+    clock = _Laps()
     params = cfg.params()
     base = cfg.pretrain_base()
     root = Path(cfg.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     init_ray()
-    t_ray = time.perf_counter()
+    clock.lap("ray_start")
 
     tracker = Tracker(base.tracking, root)
-    parent = _parent_run(tracker, cfg.name)
-    if parent is not None:
-        tracker.run_id = parent
-        tracker.client.update_run(parent, status="RUNNING")
-    else:
-        tracker.start(run_name=cfg.name, tags={SWEEP_TAG: cfg.name, "mythos.job": "sweep",
-                                               **git_tags(Path(__file__).resolve().parents[2])})
-        tracker.log_params({"space": {p.key: p.describe() for p in params}, "search": cfg.search.to_dict(),
-                            "asha": cfg.asha.to_dict(), "trial_cpus": cfg.trial_cpus})
-        tracker.log_dict(cfg.to_dict(), "config/sweep.json")
-        tracker.log_dict(base.to_dict(), "config/base.json")
+    _open_parent_run(tracker, cfg, base, params)
+    datasets = _shared_datasets(base, params)
+    clock.lap("data")
 
-    datasets = None
-    if not any(p.key.startswith("data.") for p in params):  # one dataset for all trials
-        from ..data.pipeline import build_datasets
-
-        train_ds, val_ds = build_datasets(base.data, base.data.build_tokenizer())
-        datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
-    t_data = time.perf_counter()
-
-    concurrency = max_concurrency(cfg, base)
-    payload = {"name": cfg.name, "base": cfg.base_dict(), "metric": cfg.search.metric}
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep=payload, datasets=datasets, parent_run_id=tracker.run_id),
-        {"CPU": cfg.trial_cpus})
-    tune_root = root / "tune"
-    exp_dir = tune_root / cfg.name
-    if tune.Tuner.can_restore(str(exp_dir)):
-        print(f"[mythos] resuming sweep '{cfg.name}' from {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        n = cfg.num_trials()
-        print(f"[mythos] sweep '{cfg.name}': {n} trials ({cfg.search.algorithm}), up to {concurrency} at once; "
-              f"MLflow parent run {tracker.run_id}", flush=True)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={p.key: p.to_tune(cfg.search.algorithm) for p in params},
-            tune_config=tune.TuneConfig(metric=cfg.search.metric, mode=cfg.search.mode,
-                                        search_alg=_searcher(cfg, concurrency), scheduler=_scheduler(cfg, base),
-                                        num_samples=cfg.search.num_samples,
-                                        max_concurrent_trials=concurrency if cfg.search.algorithm == "optuna" else None),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=str(tune_root), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
+    tuner = _tuner(cfg, base, params, root, datasets, tracker.run_id)
     try:
         grid = tuner.fit()
     except BaseException:
         tracker.end("KILLED")
         raise
-    t_trials = time.perf_counter()
+    clock.lap("trials")
 
-    children = _child_runs(tracker, tracker.run_id)
-    rows = _rows(grid, params, cfg.search.metric, cfg.search.mode, children)
+    rows = _rows(grid, params, cfg.search.metric, cfg.search.mode, _child_runs(tracker, tracker.run_id))
     _finish_children(tracker, rows, cfg.search.metric)
     best = _pick_best(rows, cfg.search.mode)
-    keys = [p.key for p in params]
-    columns = table_columns(keys)
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "results.csv").write_text(to_csv(rows, columns))
-        Path(tmp, "results.md").write_text(to_markdown(rows, columns, cfg.search.metric))
-        tracker.log_artifact(Path(tmp, "results.csv"), "results")
-        tracker.log_artifact(Path(tmp, "results.md"), "results")
-        png = metric_plot(rows, cfg.plot.x, cfg.plot.group, cfg.search.metric,
-                          Path(tmp, f"{cfg.search.metric}_vs_loops.png"), title=f"sweep {cfg.name}")
-        tracker.log_artifact(png, "plots")
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "error")}
-    tracker.log_metrics({"trials": len(rows), **{f"trials_{k}": v for k, v in counts.items()},
-                         **({f"best_{cfg.search.metric}": best["metric"]} if best else {})}, step=0)
-    t_results = time.perf_counter()
+    _log_results(tracker, cfg, params, rows, best)
+    clock.lap("results")
 
     registration = None
     if best is not None:
         tracker.set_tags({"mythos.sweep.best_trial": best["trial_id"], "mythos.sweep.best_run": best["mlflow_run_id"]})
         registration = _register(cfg, tracker, best)
-    t_register = time.perf_counter()
+    clock.lap("register")
 
+    left, released = _release_leftovers(tracker)
+    timings = clock.timings()
+    tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()}, step=0)
+    tracker.end("FINISHED" if best is not None else "FAILED")
+    return SweepResult(cfg.name, root, tracker.run_id, tracker.uri, rows, best, registration, timings, left, released)
+
+
+class _Laps:
+    """Wall seconds of the sweep's phases, each since the previous one, and the total."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+    def timings(self) -> dict[str, float]:
+        return {**self.laps, "total": time.perf_counter() - self.t0}
+
+
+def _open_parent_run(tracker: Tracker, cfg: SweepConfig, base: PretrainConfig, params: list[Param]) -> None:
+    """Continue the parent run of an earlier launch of this sweep, or start one with the space,
+    the search settings and both configs."""
+    parent = _parent_run(tracker, cfg.name)
+    if parent is not None:
+        tracker.run_id = parent
+        tracker.client.update_run(parent, status="RUNNING")
+        return
+    tracker.start(run_name=cfg.name, tags={SWEEP_TAG: cfg.name, "mythos.job": "sweep",
+                                           **git_tags(Path(__file__).resolve().parents[2])})
+    tracker.log_params({"space": {p.key: p.describe() for p in params}, "search": cfg.search.to_dict(),
+                        "asha": cfg.asha.to_dict(), "trial_cpus": cfg.trial_cpus})
+    tracker.log_dict(cfg.to_dict(), "config/sweep.json")
+    tracker.log_dict(base.to_dict(), "config/base.json")
+
+
+def _shared_datasets(base: PretrainConfig, params: list[Param]) -> dict[str, Any] | None:
+    """One {"train", "val"} for all trials, unless the space searches data keys (then None: each
+    trial builds its own)."""
+    if any(p.key.startswith("data.") for p in params):
+        return None
+    from ..data.pipeline import build_datasets
+
+    train_ds, val_ds = build_datasets(base.data, base.data.build_tokenizer())
+    return {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
+
+
+def _tuner(cfg: SweepConfig, base: PretrainConfig, params: list[Param], root: Path, datasets: dict | None,
+           parent_run_id: str | None):
+    """The Tuner of a new sweep, or the restored one of an interrupted sweep with this name."""
+    from ray import tune
+
+    concurrency = max_concurrency(cfg, base)
+    payload = {"name": cfg.name, "base": cfg.base_dict(), "metric": cfg.search.metric}
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep=payload, datasets=datasets, parent_run_id=parent_run_id),
+        {"CPU": cfg.trial_cpus})
+    tune_root = root / "tune"
+    exp_dir = tune_root / cfg.name
+    if tune.Tuner.can_restore(str(exp_dir)):
+        print(f"[mythos] resuming sweep '{cfg.name}' from {exp_dir}", flush=True)
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    print(f"[mythos] sweep '{cfg.name}': {cfg.num_trials()} trials ({cfg.search.algorithm}), up to {concurrency} "
+          f"at once; MLflow parent run {parent_run_id}", flush=True)
+    return tune.Tuner(
+        trainable,
+        param_space={p.key: p.to_tune(cfg.search.algorithm) for p in params},
+        tune_config=tune.TuneConfig(metric=cfg.search.metric, mode=cfg.search.mode,
+                                    search_alg=_searcher(cfg, concurrency), scheduler=_scheduler(cfg, base),
+                                    num_samples=cfg.search.num_samples,
+                                    max_concurrent_trials=concurrency if cfg.search.algorithm == "optuna" else None),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=str(tune_root), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def _log_results(tracker: Tracker, cfg: SweepConfig, params: list[Param], rows: list[dict[str, Any]],
+                 best: dict[str, Any] | None) -> None:
+    """The results table (CSV, Markdown), the metric plot and the trial counts on the parent run."""
+    columns = table_columns([p.key for p in params])
+    metric = cfg.search.metric
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "results.csv").write_text(to_csv(rows, columns))
+        Path(tmp, "results.md").write_text(to_markdown(rows, columns, metric))
+        tracker.log_artifact(Path(tmp, "results.csv"), "results")
+        tracker.log_artifact(Path(tmp, "results.md"), "results")
+        png = metric_plot(rows, cfg.plot.x, cfg.plot.group, metric, Path(tmp, f"{metric}_vs_loops.png"),
+                          title=f"sweep {cfg.name}")
+        tracker.log_artifact(png, "plots")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "error")}
+    tracker.log_metrics({"trials": len(rows), **{f"trials_{k}": v for k, v in counts.items()},
+                         **({f"best_{metric}": best["metric"]} if best else {})}, step=0)
+
+
+def _release_leftovers(tracker: Tracker) -> tuple[Leftovers, list[str]]:
+    """What the trials left on the cluster, after releasing the placement groups of stopped trials
+    whose clean-up Ray missed (returned as the second item)."""
     left = leftovers(timeout_s=10.0)
     released: list[str] = []
-    if left.placement_groups:  # stopped trials' worker groups whose clean-up Ray missed: free them now
+    if left.placement_groups:
         released = release_job_placement_groups()
         log.warning("released %d placement groups that stopped trials left behind: %s", len(released), released)
         left = leftovers(timeout_s=10.0)
@@ -356,12 +402,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         log.warning("the sweep left placement groups %s and actors %s on the cluster", left.placement_groups,
                     left.actors)
     tracker.set_tags({"mythos.sweep.released_placement_groups": len(released)})
-    timings = {"ray_start": t_ray - t0, "data": t_data - t_ray, "trials": t_trials - t_data,
-               "results": t_results - t_trials, "register": t_register - t_results,
-               "total": time.perf_counter() - t0}
-    tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()}, step=0)
-    tracker.end("FINISHED" if best is not None else "FAILED")
-    return SweepResult(cfg.name, root, tracker.run_id, tracker.uri, rows, best, registration, timings, left, released)
+    return left, released
 
 
 def print_sweep_summary(res: SweepResult, metric: str = "val_loss") -> None:

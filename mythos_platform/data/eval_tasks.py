@@ -1,9 +1,11 @@
 """Generate the data files of the local evaluation tasks (fully offline, deterministic).
 
-    python -m evals.tasks.build_data          # rewrites evals/tasks/data/*.jsonl
-    python -m evals.tasks.build_data --check  # exit 1 if the files differ from a fresh build
+    python -m mythos_platform.data.eval_tasks          # rewrites evals/tasks/data/*.jsonl
+    python -m mythos_platform.data.eval_tasks --check  # exit 1 if the files differ from a fresh build
 
-Every file comes from `mythos_platform.data.multihop` with seeds the demo model never saw
+The task definitions live in `evals/tasks` (the lm-eval adapter, which depends on `mythos` only);
+their data come from the platform's generators, so the builder lives here. Every file comes from
+`mythos_platform.data.multihop` with seeds the demo model never saw
 (training uses seed 0 stream 0, validation seed 0 stream 1):
 
 | file                  | seed     | hops        | what                                       |
@@ -20,7 +22,7 @@ hop marks on; rows also carry the chain f^0(start)..f^k(start), from which the s
 computed (the best score of answering f^j(start) for one fixed j <= the trained hop count).
 
 Rows carry the prompt, the answer, the start symbol and the hop count, so the "answer = start
-symbol" floor of every task can be computed from its file (`floor_start_symbol`).
+symbol" floor of every task can be computed from its file (`evals.task_data.floor_start_symbol`).
 """
 
 from __future__ import annotations
@@ -32,17 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
+from evals.catalog import TASKS_DIR
 from mythos_platform.data import pointer
 from mythos_platform.data.multihop import ALPHABET, Problem, document, generate_problems, render
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = TASKS_DIR / "data"
 N_PER_TASK = 200
 N_SYMBOLS = 16
 HOPS = range(1, 9)
 TRAINED_HOPS = range(1, 5)
 POINTER_HOPS = range(1, 17)
 POINTER_SEED = 3000
-TASK_YAML = """# Pointer chasing, {k} hop(s){note}; held-out seed {seed}. Written by build_data.py.
+TASK_YAML = """# Pointer chasing, {k} hop(s){note}; held-out seed {seed}. Written by mythos_platform/data/eval_tasks.py.
 include: _pointer_k_template.yaml
 task: pointer_k{k}
 dataset_kwargs:
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         if stale:
-            print(f"stale task data: {', '.join(stale)}; run python -m evals.tasks.build_data", file=sys.stderr)
+            print(f"stale task data: {', '.join(stale)}; run python -m mythos_platform.data.eval_tasks",
+                  file=sys.stderr)
             return 1
         print("task data up to date")
         return 0

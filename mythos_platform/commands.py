@@ -1,0 +1,117 @@
+"""What each `mythos <job>` does with its validated config (see mythos_platform/cli.py): run the
+job, print its summary, return the exit code. Ray is imported here, never before the config is
+valid."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def pretrain(cfg, args: argparse.Namespace) -> int:
+    from .train import print_summary, run_pretrain
+
+    print_summary(run_pretrain(cfg))
+    return 0
+
+
+def sweep(cfg, args: argparse.Namespace) -> int:
+    from .tune import print_sweep_summary, run_sweep
+
+    res = run_sweep(cfg)
+    print_sweep_summary(res, cfg.search.metric)
+    return 0 if res.best is not None else 1
+
+
+def depth(cfg, args: argparse.Namespace) -> int:
+    from .depth import run_depth_experiment
+
+    res = run_depth_experiment(cfg)
+    print("\n" + res.table_md)
+    print(f"parameters: {res.params}; wall time {res.seconds / 60:.1f} min")
+    print(f"plot: {res.plot_path}\nMLflow run {res.run_id} in {res.tracking_uri}")
+    return 0
+
+
+def pipeline(cfg, args: argparse.Namespace) -> int:
+    from .pipeline import print_summary, run_pipeline
+
+    summary = run_pipeline(cfg)
+    print_summary(summary, cfg.metric, keep_serving=cfg.keep_serving)
+    sys.stdout.flush()
+    if cfg.keep_serving:
+        # Ray Tune and Train leave their own SIGINT handlers installed after their stages: one
+        # Ctrl-C would then only print Tune's message while the endpoint keeps serving
+        wait_for_stop(signal.default_int_handler)
+        from ray import serve
+
+        serve.shutdown()
+        print("[mythos pipeline] endpoint stopped.")
+    return 0
+
+
+def serve(cfg, args: argparse.Namespace) -> int:
+    from .registry import ModelNotFoundError
+    from .serve.deploy import example_request, resolve_served_model
+
+    try:  # fail fast here rather than in replicas that retry
+        cfg = resolve_served_model(cfg)
+    except (ModelNotFoundError, ValueError) as exc:
+        print(f"error: model.source: {exc}", file=sys.stderr)
+        return 2
+    from ray import serve as ray_serve
+
+    from .ray_env import init_ray
+    from .serve.deploy import deploy
+
+    init_ray()
+    url = deploy(cfg, timeout_s=args.timeout)
+    print(f"\nServing {cfg.model.served_name!r} ({cfg.model.source}) at {url}\n")
+    print(example_request(url, cfg.model.served_name, cfg.http.api_key_env), flush=True)
+    if args.detach:
+        print(f"\nDetached: the app stays on the cluster. Stop it with `serve delete {cfg.deployment.app_name}` "
+              "or `serve shutdown -y` (RAY_AUTH_MODE=token for a cluster with token auth).")
+        return 0
+    print("\nCtrl-C to stop.", flush=True)
+    wait_for_stop()
+    print("stopping ...")
+    ray_serve.delete(cfg.deployment.app_name)
+    return 0
+
+
+def wait_for_stop(on_sigint=None) -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM (`ray job stop`, kill); SIGINT is handled even when
+    the process was started in the background, where it is ignored by default."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    if on_sigint is not None:
+        signal.signal(signal.SIGINT, on_sigint)
+
+
+def evaluate(cfg, args: argparse.Namespace) -> int:
+    """lm-eval at every loop setting of a LoopEvalConfig: 0 when every point ran, 1 when some
+    failed, 2 for an unknown task or model (found before any Ray work)."""
+    import logging
+
+    from evals.catalog import TaskError, use_offline_mode_if_hub_unreachable
+    from mythos.model_ref import ModelNotFoundError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    use_offline_mode_if_hub_unreachable()  # before `datasets` is imported
+    from .evaluation import run_loop_eval
+
+    try:
+        res = run_loop_eval(cfg)
+    except (TaskError, ModelNotFoundError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n{res.table_md}\nresults: {res.out_dir}")
+    if res.run_id:
+        print(f"MLflow run {res.run_id} at {res.tracking_uri}")
+    return 1 if res.failures or not res.points else 0
+
+

@@ -1,0 +1,173 @@
+"""`run_loop_eval`: resolve model and tasks (failing early, in one line), fan out one Ray task per
+loop setting, stream the points back, log them into one MLflow run and write the results."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from evals.catalog import explain, resolve_tasks
+from evals.task_data import task_hops
+
+from ..config import TrackingConfig
+from ..tracking import Tracker
+from .config import LoopEvalConfig
+from .points import EvalPoint, evaluate_points
+from .report import adaptive_table, describe_point, loops_figure, loops_table, point_metrics, points_csv, \
+    results_markdown
+
+__all__ = ["LoopEvalResult", "QUIET_ENV", "Setting", "plan_settings", "run_loop_eval"]
+
+QUIET_ENV = {"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "DISABLE_MULTIPROC": "1"}
+RESULT_FILES = ("results.md", "results.csv", "results.json", "accuracy_vs_loops.png")
+
+Setting = tuple[int, float | None]
+"""(n_loops, exit threshold or None): one Ray task scores all its tasks at this setting."""
+
+
+@dataclass
+class LoopEvalResult:
+    points: list[EvalPoint]
+    failures: list[dict[str, Any]]
+    table_md: str
+    csv_text: str
+    out_dir: Path
+    plot_path: Path | None
+    model_dir: Path
+    run_id: str | None
+    tracking_uri: str | None
+
+
+def plan_settings(cfg: LoopEvalConfig, leaves: Sequence[str]) -> list[tuple[Setting, list[str]]]:
+    """The loop settings and their tasks: every loop count, loops = m x hops for each task of one
+    hop count, every exit threshold at the cap; adaptive last, the most loops first."""
+    by_setting: dict[Setting, list[str]] = {}
+    for n in cfg.loops:
+        by_setting.setdefault((n, None), []).extend(leaves)
+    for m in cfg.loops_per_hop:
+        for task in leaves:
+            k = task_hops(task)
+            if k is not None and task not in by_setting.get((m * k, None), []):
+                by_setting.setdefault((m * k, None), []).append(task)
+    for thr in cfg.exit_thresholds:
+        by_setting[(cfg.exit_cap, thr)] = list(leaves)
+    return sorted(by_setting.items(), key=lambda kv: (kv[0][1] is not None, -kv[0][0]))
+
+
+def _tracking(cfg: LoopEvalConfig) -> TrackingConfig:
+    return TrackingConfig(experiment=cfg.experiment, tracking_uri=cfg.tracking_uri, run_name=cfg.run_name,
+                          enabled=cfg.track)
+
+
+def _resolve_model(cfg: LoopEvalConfig, out_dir: Path) -> Path:
+    """The model folder the workers load: a models:/ URI is downloaded into the run folder."""
+    from mythos.model_ref import MLFLOW_SCHEMES, resolve_model
+
+    from_mlflow = cfg.model.startswith(MLFLOW_SCHEMES)
+    model_uri = (cfg.tracking_uri or Tracker(_tracking(cfg), cfg.run_root).uri) if from_mlflow else None
+    model_dir = resolve_model(cfg.model, tracking_uri=model_uri, dst=out_dir / "model" if from_mlflow else None)
+    return Path(model_dir).resolve()
+
+
+def _start_tracker(cfg: LoopEvalConfig, stamp: str, leaves: Sequence[str], model_dir: Path) -> Tracker:
+    """The run: tags (git, model), the config as params (without the tracking switches), the
+    resolved tasks and the model's config as `model.*`."""
+    from mythos.checkpoint import load_config
+
+    from ..tracking import flatten_params, git_tags
+
+    mcfg = load_config(model_dir)  # fails here, not in every worker, if the folder is broken
+    tracker = Tracker(_tracking(cfg), cfg.run_root)
+    tracker.start(run_name=cfg.run_name or f"eval-{Path(cfg.model).name or 'model'}-{stamp}",
+                  tags={**git_tags(Path(__file__).resolve().parents[2]), "mythos.model": cfg.model,
+                        "mythos.job": "evaluate"})
+    params = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking_uri", "track")}
+    params.update(tasks_resolved=list(leaves), model_dir=str(model_dir))
+    tracker.log_params({**params, **{f"model.{k}": v for k, v in flatten_params(mcfg.to_dict()).items()}})
+    return tracker
+
+
+def _fan_out(cfg: LoopEvalConfig, model_dir: Path, jobs: list[tuple[Setting, list[str]]], stock: set[str],
+             tracker: Tracker, say: Callable[[str], None]) -> tuple[list[EvalPoint], list[dict[str, Any]]]:
+    """One Ray task per loop setting; points are logged as they come, a failed setting is recorded
+    (its tasks, the error) without losing the others."""
+    import ray
+
+    from ..ray_env import init_ray
+
+    init_ray()
+    remote = ray.remote(evaluate_points).options(
+        num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=0, runtime_env={"env_vars": QUIET_ENV})
+    threads = max(1, int(cfg.cpus_per_task))
+    pending = {remote.remote(str(model_dir), tasks, n, thr, stock, cfg, threads): (tasks, n, thr)
+               for (n, thr), tasks in jobs}
+    n_points = sum(len(tasks) for _, tasks in jobs)
+    points: list[EvalPoint] = []
+    failures: list[dict[str, Any]] = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        tasks, n, thr = pending.pop(ready[0])
+        try:
+            got = ray.get(ready[0])
+        except Exception as exc:  # one failed loop setting does not lose the others
+            cause = getattr(exc, "cause", None) or exc
+            failures += [{"task": task, "n_loops": n, "exit_threshold": thr, "error": explain(cause)}
+                         for task in tasks]
+            say(f"[{len(points) + len(failures):>3}/{n_points}] FAILED loops={n}"
+                f"{'' if thr is None else f' exit={thr:g}'} ({len(tasks)} task(s)): {explain(cause)}")
+            continue
+        for p in got:
+            points.append(p)
+            tracker.log_metrics(point_metrics(p), step=p.n_loops)
+            say(f"[{len(points) + len(failures):>3}/{n_points}] {describe_point(p)}")
+    return points, failures
+
+
+def _announce(cfg: LoopEvalConfig, model_dir: Path, leaves: Sequence[str], jobs: list, say) -> None:
+    n_points = sum(len(tasks) for _, tasks in jobs)
+    say(f"evaluating {model_dir} on {len(leaves)} task(s) x {len(cfg.loops)} loop count(s)"
+        f"{''.join(f' + loops = {m} x hops' for m in cfg.loops_per_hop)}"
+        f"{f' + {len(cfg.exit_thresholds)} exit threshold(s)' if cfg.exit_thresholds else ''}: {n_points} points in "
+        f"{len(jobs)} Ray tasks (one per loop setting) of {cfg.cpus_per_task:g} CPU")
+
+
+def _write_results(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, leaves: Sequence[str],
+                   points: list[EvalPoint], failures: list[dict[str, Any]]) -> tuple[str, str, Path | None]:
+    """results.md, results.csv, results.json and the plot under `out_dir` -> (markdown, csv, plot)."""
+    table = loops_table(points, cfg.limit, leaves, loops=cfg.loops, loops_per_hop=cfg.loops_per_hop)
+    md = results_markdown(cfg.model, table, adaptive_table(points, leaves), failures)
+    csv_text = points_csv(points, cfg.limit)
+    (out_dir / "results.md").write_text(md)
+    (out_dir / "results.csv").write_text(csv_text)
+    (out_dir / "results.json").write_text(json.dumps(
+        {"config": cfg.to_dict(), "model_dir": str(model_dir), "points": [asdict(p) for p in points],
+         "failures": failures}, indent=2, default=str))
+    plot_path = None
+    if points:
+        plot_path = out_dir / "accuracy_vs_loops.png"
+        loops_figure(points, cfg.limit).savefig(plot_path)
+    return md, csv_text, plot_path
+
+
+def run_loop_eval(cfg: LoopEvalConfig, progress: Callable[[str], None] | None = print) -> LoopEvalResult:
+    """Resolve model and tasks (failing early, in one line), fan out on Ray, track in MLflow."""
+    say = progress or (lambda _msg: None)
+    resolved = resolve_tasks(cfg.tasks, cfg.include_path)  # TaskError: unknown / needs the hub
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(cfg.run_root).expanduser().resolve() / "eval" / (cfg.run_name or stamp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = _resolve_model(cfg, out_dir)
+    jobs = plan_settings(cfg, resolved.leaves)
+    tracker = _start_tracker(cfg, stamp, resolved.leaves, model_dir)
+    _announce(cfg, model_dir, resolved.leaves, jobs, say)
+    points, failures = _fan_out(cfg, model_dir, jobs, set(resolved.stock), tracker, say)
+    md, csv_text, plot_path = _write_results(cfg, out_dir, model_dir, resolved.leaves, points, failures)
+    for name in RESULT_FILES:
+        if (out_dir / name).exists():
+            tracker.log_artifact(out_dir / name, "results")
+    tracker.end("FAILED" if failures or not points else "FINISHED")
+    return LoopEvalResult(points, failures, md, csv_text, out_dir, plot_path, model_dir, tracker.run_id,
+                          tracker.uri if tracker.active else None)

@@ -1,0 +1,61 @@
+"""The `mythos` command and the thin scripts in jobs/: one parser, `--config` + `--set` for every
+job, errors naming the key with exit code 2 before any Ray work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mythos_platform.cli import JOBS, main, parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_job_has_a_script_a_shipped_config_and_a_command():
+    assert set(JOBS) == {"pretrain", "sweep", "evaluate", "serve", "pipeline", "depth"}
+    for name, job in JOBS.items():
+        assert (ROOT / "jobs" / f"{name}.py").is_file()
+        assert (ROOT / job.default_config).is_file()
+        assert f'run_job("{name}")' in (ROOT / "jobs" / f"{name}.py").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_each_job_loads_its_shipped_config(name, capsys):
+    from mythos_platform.cli import _load
+    from mythos_platform.config import load_config
+
+    cfg = load_config(JOBS[name].default_config, [], cls=_load(JOBS[name].config_class))
+    assert cfg.to_dict()  # validated, typed
+
+
+def test_bad_key_is_named_with_exit_code_2(capsys):
+    assert main(["pretrain", "--set", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.lrr: unknown key (did you mean 'lr'?)")
+    assert main(["pipeline", "--set", "sweep.base.train.lr=-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: sweep.base.train.lr: got -1.0; must be > 0")
+    assert main(["depth", "--config", "jobs/configs/nope.yaml"]) == 2
+    assert "config file 'jobs/configs/nope.yaml' does not exist" in capsys.readouterr().err
+
+
+def test_shorthand_flags_are_sets_in_command_line_order():
+    args = parser().parse_args(["serve", "--set", "model.source=a", "--model", "models:/m@champion",
+                                "--set", "http.port=9000"])
+    assert args.overrides == ["model.source=a", 'model.source="models:/m@champion"', "http.port=9000"]
+    args = parser().parse_args(["evaluate", "--tasks", "pointer_k1,pointer_k2", "--model", "on"])
+    assert args.overrides == ['tasks=["pointer_k1", "pointer_k2"]', 'model="on"']  # 'on' stays a name
+
+
+def test_console_script_and_job_script_are_the_same_command(tmp_path):
+    mythos = Path(sys.executable).with_name("mythos")
+    assert mythos.is_file(), "the console script is installed with the package (pyproject [project.scripts])"
+    out = subprocess.run([str(mythos), "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(name in out for name in JOBS)
+    # the script runs from any directory (as `ray job submit` runs it from a copy of the repo)
+    for cmd in ([str(mythos), "sweep"], [sys.executable, str(ROOT / "jobs/sweep.py")]):
+        res = subprocess.run([*cmd, "--set", "search.algorithm=bayes"], capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert "error: search.algorithm: got 'bayes'; allowed: 'grid', 'random', 'optuna'" in res.stderr
+        assert "Traceback" not in res.stderr
