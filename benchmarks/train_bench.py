@@ -277,10 +277,14 @@ def step_times(mcfg, loops_list, bptt_fixed: int, batch: int, seq: int, device: 
     return {"full": [best[c] for c in full], "fixed": [best[c] for c in fixed]}
 
 
+def loop_heading(number: int, title: str, args, note: str) -> None:
+    """The first line of a section measured against the loop count: `title`, the batch shape and `note`."""
+    print(f"\n== {number}. {title} vs loop count  (batch {args.batch} x seq {args.seq}{note})")
+
+
 def section_step_time(args, mcfg, device: torch.device) -> bool:
     loops_list, k = args.time_loops, args.bptt
-    print(f"\n== 2. Step time vs loop count  (batch {args.batch} x seq {args.seq}, best of {args.reps}, "
-          f"fwd + bwd + AdamW)")
+    loop_heading(2, "Step time", args, f", best of {args.reps}, fwd + bwd + AdamW")
     res = step_times(mcfg, loops_list, k, args.batch, args.seq, device, args.reps)
     print(f"   {'loops':>5} | {'full bptt ms':>12} {'ms/loop':>8} | {f'bptt={k} ms':>12} {'ms/loop':>8}")
     for i, loops in enumerate(loops_list):
@@ -411,8 +415,7 @@ def memory_table(mcfg, loops_list, bptt_fixed: int, batch: int, seq: int, device
 
 def section_memory(args, mcfg, device: torch.device) -> bool:
     loops_list, k = args.mem_loops, args.bptt
-    print(f"\n== 3. Peak memory of one training step vs loop count  (batch {args.batch} x seq {args.seq}; "
-          f"MiB above what is live before the step)")
+    loop_heading(3, "Peak memory of one training step", args, "; MiB above what is live before the step")
     tab = memory_table(mcfg, loops_list, k, args.batch, args.seq, device, args.mem_jobs, args.mem_threads)
     method = tab["fixed"][0]["method"]
     print(f"   peak: {method}, one fresh process per configuration; "

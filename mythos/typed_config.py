@@ -49,7 +49,7 @@ class ConfigModel(BaseModel):
     """A typed configuration section: unknown keys are errors, attribute docstrings are the field
     descriptions, and `check()` holds the rules that involve more than one field."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=(),
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=(), allow_inf_nan=False,
                               validate_default=False)
     error_prefix: ClassVar[str] = ""
     """Put before the key in this class's own errors (e.g. `MythosConfig`); nested sections take
@@ -176,6 +176,8 @@ def _explain(kind: str, ctx: dict[str, Any], annotation: Any, msg: str) -> str:
         return f"allowed: {ctx['expected'].replace(' or ', ', ')}"
     if kind.startswith("int_"):
         return "expected an integer"
+    if kind == "finite_number":
+        return "must be a finite number"
     if kind.startswith("float_"):
         return "expected a number"
     if kind.startswith("bool_"):

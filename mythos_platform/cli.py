@@ -110,10 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     job = JOBS[args.job]
     try:
         cfg = load_config(args.config, args.overrides, cls=_load(job.config_class))
+        if hasattr(cfg, "preflight"):  # what the config alone cannot tell: folders, files, data size
+            cfg.preflight()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return int(_load(job.run)(cfg, args) or 0)
+    from .train.loop import NonFiniteLossError
+
+    try:
+        return int(_load(job.run)(cfg, args) or 0)
+    except NonFiniteLossError as exc:  # a run stopped on an error a retry would repeat: no traceback
+        print(f"error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C: what was stopped and how to go on, if the job says
+        print(f"\n[mythos] interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return 130
 
 
 def run_job(name: str, argv: list[str] | None = None) -> int:

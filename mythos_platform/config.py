@@ -307,7 +307,12 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU."""
     nonfinite: Literal["skip", "stop"] = "skip"
-    """A non-finite loss or gradient: skip the step, or stop the run."""
+    """A non-finite loss or gradient: skip the step, or stop the run. A stopped run ends with an
+    error naming the step, exports nothing and is not retried (a retry would diverge again)."""
+    max_consecutive_skips: int = Field(5, ge=1)
+    """nonfinite=skip: this many skipped steps in a row stop the run (it has diverged)."""
+    max_total_skips: int = Field(50, ge=1)
+    """nonfinite=skip: this many skipped steps in all stop the run."""
     deep_supervision: bool = False
     """Language modelling: a loss after every differentiated loop iteration too (all predict the next tokens)."""
     loop_schedule: Literal["random", "trajectory"] = "random"
@@ -445,6 +450,13 @@ class PretrainConfig(Section):
             self.need(self.train.loop_schedule != "trajectory", "train.loop_schedule",
                       "trajectory needs per-loop labels from the data: use data.source=pointer, or 'random'",
                       self.train.loop_schedule)
+
+    def preflight(self, prefix: str = "") -> None:
+        """The checks against this machine (run root, data files, enough data), before any Ray
+        work (mythos_platform/preflight.py); ConfigError names the key under `prefix`."""
+        from .preflight import preflight_pretrain
+
+        preflight_pretrain(self, prefix)
 
     def _check_pointer(self, model: MythosConfig) -> None:
         d, fmt = self.data, self.data.pointer_format()

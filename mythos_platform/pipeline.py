@@ -71,6 +71,18 @@ class PipelineConfig(Section):
                   f"the sweep ranks on {search and search.metric} ({search and search.mode}) but the pipeline "
                   f"registers the pretrained model on {self.metric} ({self.mode}): make them agree")
 
+    def preflight(self) -> None:
+        """The checks against this machine (see mythos_platform/preflight.py), before any Ray work."""
+        from .preflight import writable_folder
+
+        writable_folder(self.root, "root")
+        pre, base, swp, _ = self.stage_configs()
+        pre.preflight("pretrain.")
+        if base is not None:
+            base.preflight("baseline.")
+        if swp is not None:
+            swp.pretrain_base().preflight("sweep.base.")
+
     def stage_configs(self) -> tuple[PretrainConfig, PretrainConfig | None, SweepConfig | None, ServeConfig]:
         """Every stage's config under this root, with its run name; the server serves the champion."""
         root = str(Path(self.root).resolve())

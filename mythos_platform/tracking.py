@@ -30,7 +30,7 @@ import math
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 from mythos_platform.config import TrackingConfig, flatten_dict
 from mythos_platform.figures import new_figure, save_figure, style_axes
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # MLflow's limits (mlflow.utils.validation): values longer than these are rejected.
 MAX_PARAM_VALUE = 6000
@@ -170,6 +171,24 @@ class Tracker:
     def _live(self) -> bool:
         return self.active and self.run_id is not None
 
+    def _call(self, what: str, send: Callable[["MlflowClient"], T], default: T | None = None, *,
+              needs_run: bool = True) -> T | None:
+        """`send(client)` when the run is live (or, with needs_run=False, when the tracker is active);
+        else `default`. An MLflow error is counted, warned once, and answered with `default`."""
+        if not (self._live() if needs_run else self.active):
+            return default
+        try:
+            return send(self.client)
+        except Exception as exc:
+            self._fail(what, exc)
+            return default
+
+    def _log_batch(self, client: "MlflowClient", size: int = BATCH, **rows: list) -> None:
+        """`client.log_batch` of one kind of rows (params=, metrics= or tags=) in slices of `size`."""
+        ((kind, items),) = rows.items()
+        for i in range(0, len(items), size):
+            client.log_batch(self.run_id, **{kind: items[i: i + size]})
+
     # --- runs -------------------------------------------------------------------------
     def create_experiment(self) -> str | None:
         """Create the store and the experiment now (None when inactive). Runs started at once by
@@ -192,6 +211,25 @@ class Tracker:
                 raise
             return exp.experiment_id
 
+    def search_runs(self, filter_string: str, *, max_results: int = 1000, newest_first: bool = False) -> list:
+        """Runs of the experiment `cfg.experiment` matching `filter_string` (MLflow's search syntax, e.g.
+        "tags.`mythos.run_name` = 'debug'"); [] when inactive, when the experiment does not exist yet,
+        or when the store cannot be read (counted and warned like every MLflow error)."""
+        def send(client: "MlflowClient") -> list:
+            exp = client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                return []
+            order = ["attributes.start_time DESC"] if newest_first else None
+            return list(client.search_runs([exp.experiment_id], filter_string, order_by=order,
+                                           max_results=max_results))
+        return self._call("search runs", send, [], needs_run=False)
+
+    def find_run(self, filter_string: str) -> str | None:
+        """The id of the newest run matching `filter_string` (e.g. an earlier launch's run, to
+        continue it with `reopen`), or None (see `search_runs`)."""
+        runs = self.search_runs(filter_string, max_results=1, newest_first=True)
+        return runs[0].info.run_id if runs else None
+
     def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> "Tracker":
         """Create the run (in the experiment `cfg.experiment`); a no-op if inactive or already started."""
         if not self.active or self.run_id is not None:
@@ -204,14 +242,16 @@ class Tracker:
             self._fail("start run", exc)
         return self
 
+    def reopen(self, run_id: str) -> "Tracker":
+        """Continue the existing run `run_id` (e.g. from `find_run`), marked RUNNING again; a no-op if inactive."""
+        if self.active:
+            self.run_id = run_id
+            self._call("reopen run", lambda c: c.update_run(run_id, status="RUNNING"))
+        return self
+
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED / FAILED / KILLED."""
-        if not self._live():
-            return
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as exc:
-            self._fail("end run", exc)
+        self._call("end run", lambda c: c.set_terminated(self.run_id, status=status))
 
     def __enter__(self) -> "Tracker":
         return self.start()
@@ -222,87 +262,54 @@ class Tracker:
     # --- logging ----------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Nested or flat dict; flattened to dotted keys, values stringified and truncated to MLflow's limits."""
-        if not self._live():
-            return
-        from mlflow.entities import Param
+        def send(client: "MlflowClient") -> None:
+            from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in flatten_params(params).items()]
-        try:
-            for i in range(0, len(items), BATCH):
-                self.client.log_batch(self.run_id, params=items[i: i + BATCH])
-        except Exception as exc:
-            self._fail("log_params", exc)
+            self._log_batch(client, params=[Param(k, v) for k, v in flatten_params(params).items()])
+        self._call("log_params", send)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Numeric values at `step` (non-numeric ones are skipped)."""
-        if not self._live():
-            return
-        import time
+        def send(client: "MlflowClient") -> None:
+            import time
 
-        from mlflow.entities import Metric
+            from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = []
-        for k, v in metrics.items():
-            try:
-                items.append(Metric(_truncate(k, MAX_KEY), float(v), ts, int(step)))
-            except (TypeError, ValueError):
-                log.debug("metric %s=%r is not a number; skipped", k, v)
-        try:
-            for i in range(0, len(items), BATCH * 10):
-                self.client.log_batch(self.run_id, metrics=items[i: i + BATCH * 10])
-        except Exception as exc:
-            self._fail("log_metrics", exc)
+            ts = int(time.time() * 1000)
+            items = []
+            for k, v in metrics.items():
+                try:
+                    items.append(Metric(_truncate(k, MAX_KEY), float(v), ts, int(step)))
+                except (TypeError, ValueError):
+                    log.debug("metric %s=%r is not a number; skipped", k, v)
+            self._log_batch(client, BATCH * 10, metrics=items)
+        self._call("log_metrics", send)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if not self._live():
-            return
-        from mlflow.entities import RunTag
+        def send(client: "MlflowClient") -> None:
+            from mlflow.entities import RunTag
 
-        items = [RunTag(_truncate(k, MAX_KEY), _truncate(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
-        try:
-            for i in range(0, len(items), BATCH):
-                self.client.log_batch(self.run_id, tags=items[i: i + BATCH])
-        except Exception as exc:
-            self._fail("set_tags", exc)
+            self._log_batch(client, tags=[RunTag(_truncate(k, MAX_KEY), _truncate(str(v), MAX_TAG_VALUE))
+                                          for k, v in tags.items()])
+        self._call("set_tags", send)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file or a whole folder (`log_artifacts`) under `artifact_path` of the run."""
-        if not self._live():
-            return
-        try:
-            if Path(path).is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as exc:
-            self._fail("log_artifact", exc)
+        def send(client: "MlflowClient") -> None:
+            upload = client.log_artifacts if Path(path).is_dir() else client.log_artifact
+            upload(self.run_id, str(path), artifact_path)
+        self._call("log_artifact", send)
 
     def log_dict(self, data: Mapping[str, Any] | list, artifact_file: str) -> None:
         """JSON (or YAML, by the extension of `artifact_file`) artifact."""
-        if not self._live():
-            return
-        try:
-            self.client.log_dict(self.run_id, data, artifact_file)
-        except Exception as exc:
-            self._fail("log_dict", exc)
+        self._call("log_dict", lambda c: c.log_dict(self.run_id, data, artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if not self._live():
-            return
-        try:
-            self.client.log_text(self.run_id, text, artifact_file)
-        except Exception as exc:
-            self._fail("log_text", exc)
+        self._call("log_text", lambda c: c.log_text(self.run_id, text, artifact_file))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """A matplotlib Figure saved as `artifact_file` (e.g. 'plots/loss.png')."""
-        if not self._live():
-            return
-        try:
-            self.client.log_figure(self.run_id, figure, artifact_file)
-        except Exception as exc:
-            self._fail("log_figure", exc)
+        self._call("log_figure", lambda c: c.log_figure(self.run_id, figure, artifact_file))
 
     def log_loss_curve(self, history: Any, artifact_file: str = "plots/loss.png", **kw: Any) -> None:
         """`loss_curve_png(history)` rendered to a temporary file and logged as `artifact_file`."""
@@ -316,11 +323,5 @@ class Tracker:
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of a logged metric, read back from the store ([] when unavailable)."""
-        if not self._live():
-            return []
-        try:
-            return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
-        except Exception as exc:
-            self._fail("metric_history", exc)
-            return []
-
+        return self._call("metric_history",
+                          lambda c: [(m.step, m.value) for m in c.get_metric_history(self.run_id, key)], [])

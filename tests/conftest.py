@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -13,15 +14,33 @@ def _seed():
     yield
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function that returns a TCP port free on 127.0.0.1 right now (for a server's http.port)."""
+    return _free_port
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster per test module: 2 CPUs, bound to 127.0.0.1, dashboard on (Ray Train
-    and Tune use its state API to clean up placement groups), shut down after the module."""
+    """One local Ray cluster per test module: 2 CPUs, listening on 127.0.0.1 only (as the jobs'
+    private cluster, mythos_platform.ray_env), a new one even if a head runs on this machine,
+    dashboard on (Ray Train and Tune use its state API to clean up placement groups), shut down
+    after the module."""
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, object_store_memory=400 * 1024**2, configure_logging=False)
+    from mythos_platform import ray_env
+
+    with ray_env.loopback_node():
+        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=False, object_store_memory=400 * 1024**2,
+                 configure_logging=False, runtime_env={"worker_process_setup_hook": ray_env.WORKER_SETUP_HOOK})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     try:

@@ -2,7 +2,6 @@
 at several loop counts -> deploy -> one deep question. Asserts that looping buys depth: on hop
 counts beyond training, accuracy at loops = hops is high and far above a shallow loop count."""
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,6 @@ from mythos_platform.pipeline import PipelineConfig, question, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "jobs/configs/pipeline-debug.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bad_stage_config_fails_before_ray(tmp_path):
@@ -53,7 +46,7 @@ def test_the_demo_question_needs_every_hop():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_path):
+def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_path, free_port):
     """Shortened to fit the test budget as a curriculum: pretraining follows 2-hop chains (the first
     lookup is found within a few hundred steps), the sweep fine-tunes on 4-hop chains; the sweep's
     best must beat the pretrained model on 8-hop validation problems and become the champion."""

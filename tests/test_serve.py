@@ -4,7 +4,6 @@ logic itself is tested in tests/test_stop.py."""
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -150,14 +149,8 @@ def served_greedy(model: Mythos, prompt: str, max_tokens: int, **kw):
     return tok.decode(out.tokens[0]), sum(out.loops_used) / len(out.loops_used)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, free_port):
     import ray
     from ray import serve
 
@@ -169,7 +162,7 @@ def server(tmp_path_factory):
              log_to_driver=False, object_store_memory=300 * 1024**2, configure_logging=False)
     cfg = ServeConfig.from_dict({
         "model": {"source": str(folder)},
-        "http": {"port": _free_port()},
+        "http": {"port": free_port()},
         "limits": {"max_tokens": 64, "max_loops": 12, "max_prompt_tokens": 480},
         "batching": {"max_batch_size": 16, "max_wait_ms": 30},
         "log_level": "WARNING",

@@ -103,6 +103,26 @@ def test_run_in_embedded_sqlite_store(store, tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "worker")] == [(7, 1.0)]
 
 
+def test_find_run_and_reopen(store):
+    """An earlier launch's run is found by tag (the newest of several) and continued as RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = TrackingConfig(experiment="mythos-find")
+    assert Tracker(cfg, store).find_run("tags.`name` = 'a'") is None  # no experiment yet
+    ids = []
+    for _ in range(2):
+        with Tracker(cfg, store).start(tags={"name": "a"}) as t:
+            ids.append(t.run_id)
+    assert Tracker(cfg, store).find_run("tags.`name` = 'a'") == ids[-1]
+    assert {r.info.run_id for r in Tracker(cfg, store).search_runs("tags.`name` = 'a'")} == set(ids)
+    assert Tracker(cfg, store).find_run("tags.`name` = 'b'") is None
+    assert Tracker(cfg, store, active=False).find_run("tags.`name` = 'a'") is None  # tracking off: no look-up
+    again = Tracker(cfg, store).reopen(ids[0])
+    assert again.run_id == ids[0] and MlflowClient(again.uri).get_run(ids[0]).info.status == "RUNNING"
+    again.end()
+    assert MlflowClient(again.uri).get_run(ids[0]).info.status == "FINISHED" and again.errors == 0
+
+
 def test_failed_block_marks_run_failed(store):
     from mlflow.tracking import MlflowClient
 
@@ -130,8 +150,9 @@ def test_outage_is_warned_once_and_training_goes_on(tmp_path, monkeypatch, caplo
         mid.log_metrics({"loss": 1.0}, step=step)
     mid.log_params({"a": 1})
     mid.log_text("x", "x.txt")
+    assert mid.find_run("tags.`name` = 'a'") is None  # an earlier run cannot be looked up: start a new one
     mid.end()
-    assert mid.errors == 6
+    assert mid.errors == 7
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2  # one per tracker
     assert "127.0.0.1:9" in warnings[0].getMessage() and "training goes on" in warnings[0].getMessage()

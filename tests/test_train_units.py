@@ -82,6 +82,32 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path, model, opt, sched, rank=0)
 
 
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_whole_one(tmp_path):
+    from mythos_platform.train.checkpointing import checkpoint_problem, resumable_checkpoint
+
+    model = Mythos(get_variant("debug"))
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu"))
+    sched = build_scheduler(opt, 2, 20, 1e-3, 1e-4)
+    folders = [tmp_path / f"checkpoint_{i}" for i in range(3)]
+    for i, folder in enumerate(folders):
+        folder.mkdir()
+        save_checkpoint(folder, model, opt, sched, TrainState(step=8 * (i + 1)), rank=0)
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's file beside them
+    assert [checkpoint_problem(f) for f in folders] == [None, None, None]
+    assert resumable_checkpoint(folders[1]) == (folders[2], [])  # the newest step, whichever Ray names
+    shard = folders[2] / "__0_0.distcp"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    (folders[1] / "rng_rank0.pt").write_bytes(b"not a tensor file")
+    folder, skipped = resumable_checkpoint(folders[2])
+    assert folder == folders[0] and len(skipped) == 2
+    assert skipped[0].startswith(f"{shard} is truncated (") and "rng_rank0.pt" not in skipped[0]
+    assert str(folders[1]) in skipped[1]
+    assert load_checkpoint(folder, model, opt, sched, rank=0).step == 8
+    (folders[0] / ".metadata").unlink()
+    assert resumable_checkpoint(folders[2])[0] is None
+
+
 def test_export_writes_the_serving_format(tmp_path):
     model = Mythos(get_variant("debug", attn_type="mla"))
     export_model(model, model.cfg, tmp_path / "m", rank=0, metadata={"step": "5"})
@@ -92,11 +118,26 @@ def test_export_writes_the_serving_format(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["config"]["attn_type"] == "mla"
 
 
-def test_nonfinite_guard():
-    assert apply_update(True, "stop", 3, 1.0, 1.0)
-    assert not apply_update(False, "skip", 3, float("nan"), 1.0)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 3.*train.nonfinite=skip"):
-        apply_update(False, "stop", 3, float("inf"), 1.0)
+def test_nonfinite_guard_skips_a_bounded_number_of_steps():
+    from mythos_platform.config import TrainConfig
+    from mythos_platform.train.checkpointing import TrainState
+
+    stop = TrainConfig(nonfinite="stop")
+    assert apply_update(True, stop, TrainState(), 3, 1.0, 1.0)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 3 .*train.nonfinite=stop"):
+        apply_update(False, stop, TrainState(), 3, float("inf"), 1.0)
+    skip, state = TrainConfig(max_consecutive_skips=3, max_total_skips=5), TrainState()
+    nan = float("nan")
+    assert not apply_update(False, skip, state, 1, nan, 1.0)
+    assert not apply_update(False, skip, state, 2, nan, 1.0)
+    assert apply_update(True, skip, state, 3, 1.0, 1.0) and state.skips_in_a_row == 0  # a good step resets the run
+    assert not apply_update(False, skip, state, 4, nan, 1.0)
+    assert not apply_update(False, skip, state, 5, nan, 1.0)
+    with pytest.raises(NonFiniteLossError, match=r"at step 6 .*3 steps in a row and 5 in all skipped"):
+        apply_update(False, skip, state, 6, nan, 1.0)  # the 3rd in a row (and the 5th in all)
+    state = TrainState(skips_total=4)
+    with pytest.raises(NonFiniteLossError, match="1 steps in a row and 5 in all.*max_total_skips=5"):
+        apply_update(False, skip, state, 9, nan, 1.0)
 
 
 def test_deep_supervision_option_adds_the_per_loop_loss():

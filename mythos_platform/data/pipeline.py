@@ -29,7 +29,7 @@ by `val_blocks`, is always materialized: it is small and is read at every evalua
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -49,13 +49,30 @@ TRAIN_STREAM, VAL_STREAM = 0, 1
 __all__ = ["build_datasets", "generated_blocks", "TRAIN_STREAM", "VAL_STREAM"]
 
 
+def _chunk_ranges(batch: dict[str, np.ndarray], n_docs: int, docs_per_chunk: int) -> Iterator[tuple[int, int]]:
+    """(first problem index, problem count) of each chunk id in a batch of `_chunks`."""
+    for c in batch["chunk"]:
+        start = int(c) * docs_per_chunk
+        yield start, min(docs_per_chunk, n_docs - start)
+
+
+def _chunks(cfg: "DataConfig", n_docs: int, fn: Callable[..., dict[str, np.ndarray]],
+            **fn_kwargs: Any) -> "ray.data.Dataset":
+    """The problems 0..n_docs in chunks of `cfg.docs_per_batch`, one Ray Data task each:
+    `fn(batch, n_docs=, docs_per_chunk=, **fn_kwargs)` turns a batch of chunk ids into rows."""
+    import ray.data
+
+    n_chunks = -(-n_docs // cfg.docs_per_batch)
+    chunks = ray.data.from_items([{"chunk": c} for c in range(n_chunks)])
+    return chunks.map_batches(fn, batch_format="numpy", batch_size=1, num_cpus=cfg.cpus_per_task,
+                              fn_kwargs={"n_docs": n_docs, "docs_per_chunk": cfg.docs_per_batch, **fn_kwargs})
+
+
 def generated_blocks(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: int, hops: list[int],
                      seed: int, n_symbols: int, stream: int, tokenizer: Any, seq_len: int) -> dict[str, np.ndarray]:
     """Ray Data batch function: {"chunk": chunk ids} -> the packed blocks of those chunks' problems."""
     out = []
-    for c in batch["chunk"]:
-        start = int(c) * docs_per_chunk
-        n = min(docs_per_chunk, n_docs - start)
+    for start, n in _chunk_ranges(batch, n_docs, docs_per_chunk):
         texts = list(multihop.corpus_documents(n, hops, seed, n_symbols, start_index=start, stream=stream))
         out.append(pack_documents(encode_documents(texts, tokenizer), tokenizer.eos_id, seq_len + 1))
     blocks = np.concatenate(out) if out else np.zeros((0, seq_len + 1), dtype=np.int32)
@@ -63,16 +80,8 @@ def generated_blocks(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chun
 
 
 def _generated(cfg: "DataConfig", tokenizer: Any, n_docs: int, stream: int) -> "ray.data.Dataset":
-    import ray.data
-
-    n_chunks = -(-n_docs // cfg.docs_per_batch)
-    chunks = ray.data.from_items([{"chunk": c} for c in range(n_chunks)])
-    return chunks.map_batches(
-        generated_blocks, batch_format="numpy", batch_size=1, num_cpus=cfg.cpus_per_task,
-        fn_kwargs={"n_docs": n_docs, "docs_per_chunk": cfg.docs_per_batch,
-                   "hops": list(range(cfg.min_hops, cfg.max_hops + 1)), "seed": cfg.seed,
-                   "n_symbols": cfg.n_symbols, "stream": stream, "tokenizer": tokenizer, "seq_len": cfg.seq_len},
-    )
+    return _chunks(cfg, n_docs, generated_blocks, hops=list(range(cfg.min_hops, cfg.max_hops + 1)), seed=cfg.seed,
+                   n_symbols=cfg.n_symbols, stream=stream, tokenizer=tokenizer, seq_len=cfg.seq_len)
 
 
 def pointer_rows(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: int, hops: list[int], chain: int,
@@ -85,9 +94,7 @@ def pointer_rows(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: i
     fmt = pointer.PointerFormat(n_symbols, hop_marks)
     length = fmt.prompt_len(max([*hops, *(fixed_point_hops or [])]))
     out = []
-    for c in batch["chunk"]:
-        start = int(c) * docs_per_chunk
-        n = min(docs_per_chunk, n_docs - start)
+    for start, n in _chunk_ranges(batch, n_docs, docs_per_chunk):
         probs = pointer.problems(n, hops, chain, seed, n_symbols, stream, start_index=start)
         if fixed_point_fraction > 0:
             for i in range(n):
@@ -105,20 +112,12 @@ def pointer_rows(batch: dict[str, np.ndarray], *, n_docs: int, docs_per_chunk: i
 
 def _pointer(cfg: "DataConfig", n_docs: int, stream: int, hops: list[int], chain: int,
              train: bool = True) -> "ray.data.Dataset":
-    import ray.data
-
-    n_chunks = -(-n_docs // cfg.docs_per_batch)
-    chunks = ray.data.from_items([{"chunk": c} for c in range(n_chunks)])
-    return chunks.map_batches(
-        pointer_rows, batch_format="numpy", batch_size=1, num_cpus=cfg.cpus_per_task,
-        fn_kwargs={"n_docs": n_docs, "docs_per_chunk": cfg.docs_per_batch, "hops": hops, "chain": chain,
-                   "labels": cfg.loop_labels, "seed": cfg.seed, "n_symbols": cfg.n_symbols,
-                   "hop_marks": cfg.hop_marks, "stream": stream, "mark_labels": cfg.mark_labels and train,
-                   "unmarked_fraction": cfg.unmarked_fraction if train else 0.0,
-                   "unmarked_depth": cfg.unmarked_depth if cfg.unmarked_depth is not None else cfg.max_hops,
-                   "fixed_point_fraction": cfg.fixed_point_fraction if train else 0.0,
-                   "fixed_point_hops": list(range(cfg.max_hops + 1, cfg.fixed_point_max_hops + 1))},
-    )
+    return _chunks(cfg, n_docs, pointer_rows, hops=hops, chain=chain, labels=cfg.loop_labels, seed=cfg.seed,
+                   n_symbols=cfg.n_symbols, hop_marks=cfg.hop_marks, stream=stream,
+                   mark_labels=cfg.mark_labels and train, unmarked_fraction=cfg.unmarked_fraction if train else 0.0,
+                   unmarked_depth=cfg.unmarked_depth if cfg.unmarked_depth is not None else cfg.max_hops,
+                   fixed_point_fraction=cfg.fixed_point_fraction if train else 0.0,
+                   fixed_point_hops=list(range(cfg.max_hops + 1, cfg.fixed_point_max_hops + 1)))
 
 
 def _packed(docs: "ray.data.Dataset", cfg: "DataConfig", tokenizer: Any) -> "ray.data.Dataset":

@@ -53,6 +53,16 @@ class DepthConfig(Section):
         self.need(self.rdt.data.source == "pointer", "rdt.data.source", "must be pointer (the reasoning corpus)",
                   self.rdt.data.source)
 
+    def preflight(self) -> None:
+        """The checks against this machine (see mythos_platform/preflight.py), before any Ray work."""
+        from ..preflight import writable_folder
+
+        writable_folder(self.root, "root")
+        rdt, base = self.stage_configs()
+        rdt.preflight("rdt.")
+        if base is not None:
+            base.preflight("baseline.")
+
     def stage_configs(self) -> tuple[PretrainConfig, PretrainConfig | None]:
         """The two pretraining configs, under this root, with their run names."""
         root = str(Path(self.root).resolve())

@@ -79,6 +79,12 @@ class LoopEvalConfig(Section):
         self.need(self.bootstrap_iters >= 0, "bootstrap_iters", "must be >= 0", self.bootstrap_iters)
         self.need(bool(self.experiment), "experiment", "must be a non-empty name")
 
+    def preflight(self) -> None:
+        """The checks against this machine (see mythos_platform/preflight.py), before any Ray work."""
+        from ..preflight import writable_folder
+
+        writable_folder(self.run_root, "run_root")
+
     @property
     def exit_cap(self) -> int:
         """The loop cap of the adaptive-exit runs."""

@@ -71,6 +71,34 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class _Generation:
+    """A request's jobs as they generate: `async with _Generation(jobs, queue) as gen: async for i, ev in gen:`
+    gives `events` and counts the tokens and loop iterations of the finished rows. On leaving the block
+    every job is marked cancelled: a no-op for finished rows; drops the rest if the client went away."""
+
+    def __init__(self, jobs: list[Job], queue: asyncio.Queue) -> None:
+        self.jobs, self.queue = jobs, queue
+        self.tokens, self.loops = 0, 0.0
+
+    async def __aenter__(self) -> "_Generation":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        for j in self.jobs:
+            j.cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Delta | Finished | Failed]]:
+        async for i, ev in events(self.queue, len(self.jobs)):
+            if isinstance(ev, Finished):
+                self.tokens += ev.completion_tokens
+                self.loops += ev.loops_used * ev.completion_tokens
+            yield i, ev
+
+    def mythos(self, n_loops: int, exit_threshold: float | None) -> dict[str, Any]:
+        """The response's `mythos` field: loop iterations per generated token over the finished rows."""
+        return mythos_info(n_loops, self.loops / max(self.tokens, 1), exit_threshold)
+
+
 @serve.deployment
 @serve.ingress(api)
 class MythosServer:
@@ -164,37 +192,26 @@ class MythosServer:
                                      headers={"Cache-Control": "no-cache"})
         texts = [""] * len(jobs)
         reasons = ["length"] * len(jobs)
-        n_gen, loops = 0, 0.0
-        try:
-            async for i, ev in events(queue, len(jobs)):
-                if isinstance(ev, Delta):
-                    texts[i] += ev.text
-                elif isinstance(ev, Finished):
-                    texts[i] += ev.text
-                    reasons[i] = ev.reason
-                    n_gen += ev.completion_tokens
-                    loops += ev.loops_used * ev.completion_tokens
-                else:
+        async with _Generation(jobs, queue) as gen:
+            async for i, ev in gen:
+                if isinstance(ev, Failed):
                     raise APIError(500, f"generation failed: {type(ev.error).__name__}: {ev.error}",
                                    code="generation_failed", type="server_error")
-        finally:
-            for j in jobs:
-                j.cancelled = True  # no-op for finished rows; drops the rest if the client went away
+                texts[i] += ev.text
+                if isinstance(ev, Finished):
+                    reasons[i] = ev.reason
         body = completion(rid, self.engine.model_id, [choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))],
-                          usage(prompt_tokens, n_gen), mythos_info(n_loops, loops / max(n_gen, 1), exit_threshold))
+                          usage(prompt_tokens, gen.tokens), gen.mythos(n_loops, exit_threshold))
         return JSONResponse(body)
 
     async def _stream(self, rid: str, jobs: list[Job], queue: asyncio.Queue, n_loops: int,
                       exit_threshold: float | None, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
         model = self.engine.model_id
-        n_gen, loops = 0, 0.0
-        try:
-            async for i, ev in events(queue, len(jobs)):
+        async with _Generation(jobs, queue) as gen:
+            async for i, ev in gen:
                 if isinstance(ev, Delta):
                     yield _sse(chunk(rid, model, [choice(i, ev.text, None)]))
                 elif isinstance(ev, Finished):
-                    n_gen += ev.completion_tokens
-                    loops += ev.loops_used * ev.completion_tokens
                     yield _sse(chunk(rid, model, [choice(i, ev.text, ev.reason)],
                                      mythos=mythos_info(n_loops, ev.loops_used, exit_threshold)))
                 elif isinstance(ev, Failed):
@@ -202,12 +219,9 @@ class MythosServer:
                                           type="server_error", code="generation_failed"))
                     break
             if include_usage:
-                yield _sse(chunk(rid, model, [], usage=usage(prompt_tokens, n_gen),
-                                 mythos=mythos_info(n_loops, loops / max(n_gen, 1), exit_threshold)))
+                yield _sse(chunk(rid, model, [], usage=usage(prompt_tokens, gen.tokens),
+                                 mythos=gen.mythos(n_loops, exit_threshold)))
             yield "data: [DONE]\n\n"
-        finally:
-            for j in jobs:
-                j.cancelled = True
 
     # --- request -> jobs -------------------------------------------------------------------
     def _jobs(self, req: CompletionRequest) -> tuple[list[Job], int, float | None, int]:

@@ -41,6 +41,10 @@ class TrainState:
     """Passes over the training set completed."""
     data_batches: int = 0
     """Batches this rank has consumed in the current pass (the data position)."""
+    skips_in_a_row: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient since the last applied one."""
+    skips_total: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient in all."""
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +65,58 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, opt: torch.opti
         tmp = folder / (TRAIN_STATE + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, folder / TRAIN_STATE)
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why the checkpoint in `folder` cannot be resumed from, naming the file, or None when it is
+    whole: every file the DCP metadata indexes is there and as long as the metadata says, the
+    train state parses, and every rank's RNG file loads. It reads sizes and small files only, the
+    same on every rank, so all ranks reach the same verdict without a collective."""
+    folder = Path(folder)
+    for required in (".metadata", TRAIN_STATE):
+        if not (folder / required).exists():
+            return f"{folder / required} is missing (the checkpoint is incomplete)"
+    try:
+        meta = dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any unreadable metadata is a broken checkpoint
+        return f"{folder / '.metadata'} cannot be read ({type(exc).__name__}: {exc})"
+    need: dict[str, int] = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = folder / name
+        have = path.stat().st_size if path.exists() else None
+        if have is None or have < size:
+            return f"{path} is {'missing' if have is None else f'truncated ({have} of {size} bytes)'}"
+    try:
+        json.loads((folder / TRAIN_STATE).read_text())["step"]
+        for rng in sorted(folder.glob("rng_rank*.pt")):
+            torch.load(rng, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        return f"{folder}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def resumable_checkpoint(latest: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest whole checkpoint of the run whose latest checkpoint is `latest` (its siblings
+    `checkpoint_*` in the same folder, newest step first), and why each newer one was skipped."""
+    latest = Path(latest)
+    siblings = (p for p in latest.parent.glob("checkpoint_*") if p.is_dir())
+    candidates = sorted({latest, *siblings}, key=_checkpoint_step, reverse=True)
+    skipped = []
+    for folder in candidates:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(problem)
+    return None, skipped
+
+
+def _checkpoint_step(folder: Path) -> tuple[int, str]:
+    try:
+        return json.loads((folder / TRAIN_STATE).read_text())["step"], folder.name
+    except Exception:  # noqa: BLE001 - an unreadable state sorts first and is reported by checkpoint_problem
+        return 1 << 62, folder.name
 
 
 def load_checkpoint(folder: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer, sched,

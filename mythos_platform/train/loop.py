@@ -73,15 +73,26 @@ def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[t
     return x[:, :-1], targets, loop_labels
 
 
-def apply_update(finite: bool, policy: str, step: int, loss: float, grad_norm: float) -> bool:
-    """The non-finite guard: True to apply the update, False to skip it ("skip"), or raise ("stop")."""
+def apply_update(finite: bool, tcfg, state, step: int, loss: float, grad_norm: float) -> bool:
+    """The non-finite guard for optimizer step `step` (1-based, as the progress lines count): True
+    to apply the update; False to skip it (train.nonfinite=skip, counted in `state`); raises
+    NonFiniteLossError for nonfinite=stop, or when the skips reach train.max_consecutive_skips in a
+    row or train.max_total_skips in all (the run has diverged)."""
     if finite:
+        state.skips_in_a_row = 0
         return True
-    if policy == "stop":
+    what = f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm})"
+    if tcfg.nonfinite == "stop":
+        raise NonFiniteLossError(f"{what}; the run stops (train.nonfinite=stop) without exporting. Lower "
+                                 "train.lr or train.grad_clip, or set train.nonfinite=skip to skip such steps")
+    state.skips_in_a_row += 1
+    state.skips_total += 1
+    if state.skips_in_a_row >= tcfg.max_consecutive_skips or state.skips_total >= tcfg.max_total_skips:
         raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}); set "
-            "train.nonfinite=skip to skip such steps, or lower train.lr")
-    log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s), update skipped", step, loss, grad_norm)
+            f"{what}: {state.skips_in_a_row} steps in a row and {state.skips_total} in all skipped "
+            f"(train.max_consecutive_skips={tcfg.max_consecutive_skips}, train.max_total_skips="
+            f"{tcfg.max_total_skips}); the run has diverged and stops without exporting. Lower train.lr")
+    log.warning("%s: update skipped (%d in a row, %d in all)", what, state.skips_in_a_row, state.skips_total)
     return False
 
 

@@ -8,6 +8,7 @@ checkpoint under the storage path, and the same MLflow run is continued.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from ..config import PretrainConfig
 from ..data.pipeline import build_datasets
 from ..ray_env import init_ray
 from ..tracking import Tracker, git_tags
-from .worker import train_loop_per_worker
+from .loop import NonFiniteLossError
+from .worker import stopped_file, train_loop_per_worker
 
 log = logging.getLogger("mythos.train")
 
@@ -43,20 +45,6 @@ def _run_name(cfg: PretrainConfig) -> str:
     return cfg.run.name or cfg.tracking.run_name or "pretrain"
 
 
-def _find_mlflow_run(tracker: Tracker, name: str) -> str | None:
-    """The MLflow run of an earlier launch with the same run name (to continue it)."""
-    try:
-        exp = tracker.client.get_experiment_by_name(tracker.cfg.experiment)
-        if exp is None:
-            return None
-        runs = tracker.client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'",
-                                          order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
-    except Exception as exc:  # tracking outage: train anyway
-        log.warning("could not look up earlier MLflow runs: %s", exc)
-        return None
-
-
 def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
                  tags: dict[str, str] | None = None, report_evals: bool = False) -> PretrainResult:
     """Train `cfg` on the current Ray cluster (starting a local one if needed).
@@ -67,6 +55,7 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
     `mlflow.parentRunId`); `report_evals` makes the workers report metrics to Ray Train at every
     evaluation step too, not only at checkpoint steps.
     """
+    cfg.preflight()  # folders, files, enough data: a ConfigError here, not a traceback in a worker
     name = _run_name(cfg)
     run_root = Path(cfg.run.root).resolve()
     run_root.mkdir(parents=True, exist_ok=True)
@@ -87,11 +76,16 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
     sc = cfg.scaling
     print(f"[mythos] training run '{name}' ({cfg.model.variant}, {sc.num_workers} workers, "
           f"{cfg.train.parallelism}){' — resuming' if resumed else ''}; checkpoints in {storage}/{name}", flush=True)
+    stopped = stopped_file(export_dir)
+    stopped.unlink(missing_ok=True)
     try:
         result = trainer.fit()
     except Exception:
         tracker.end("FAILED")
         raise
+    if stopped.exists():  # the workers stopped the run (divergence): failed, nothing exported
+        tracker.end("FAILED")
+        raise NonFiniteLossError(f"training run '{name}' stopped: {json.loads(stopped.read_text())['error']}")
     _finish_mlflow_run(tracker, export_dir)
     return PretrainResult(name, run_root, dict(result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None, export_dir, tracker.run_id,
@@ -101,13 +95,9 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
 def _open_mlflow_run(tracker: Tracker, cfg: PretrainConfig, name: str, tags: dict[str, str] | None) -> bool:
     """Continue the MLflow run of an earlier launch with this name (True), or start one with the
     config as params and the model's shape as tags (False)."""
-    run_id = _find_mlflow_run(tracker, name)
+    run_id = tracker.find_run(f"tags.`{RUN_NAME_TAG}` = '{name}'")
     if run_id is not None:
-        tracker.run_id = run_id
-        try:
-            tracker.client.update_run(run_id, status="RUNNING")
-        except Exception as exc:
-            log.warning("could not reopen MLflow run %s: %s", run_id, exc)
+        tracker.reopen(run_id)
     else:
         model_cfg = cfg.model.build()
         run_tags = {RUN_NAME_TAG: name, "mythos.job": "pretrain", "mythos.variant": cfg.model.variant,

@@ -28,9 +28,17 @@ from mythos.sizing import flops_per_token
 from ..config import PretrainConfig
 from ..perf import matmul_peak
 from ..tracking import Tracker
-from .checkpointing import TrainState, export_model, load_checkpoint, save_checkpoint
+from .checkpointing import (
+    CheckpointError,
+    TrainState,
+    export_model,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from .faults import Fault
 from .loop import (
+    NonFiniteLossError,
     _loss,
     answer_accuracy,
     apply_update,
@@ -48,6 +56,12 @@ from .metrics import Window, progress_line, say
 from .optim import build_optimizer, build_scheduler
 from .pair_embedding import merge
 from .parallel import all_reduce_mean, all_reduce_min, all_reduce_sum_, autocast, build_model, no_sync, unwrap, use_bf16
+
+
+def stopped_file(export_dir: str | Path) -> Path:
+    """Where a run that stopped itself (see Trainer.stop) leaves its error for the driver."""
+    export_dir = Path(export_dir)
+    return export_dir.with_name(export_dir.name + ".stopped.json")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -107,7 +121,11 @@ class Trainer:
         self.window = Window(self.device)
         self.model.train()
         while self.state.step < self.tcfg.steps:
-            result = self.step()
+            try:
+                result = self.step()
+            except NonFiniteLossError as exc:  # every rank agreed on it: end the run, not the worker
+                self.stop(exc)
+                return
             if self.fault:
                 self.fault.maybe_kill(self.state.step, self.rank)
             self.window.add_step(result.loss, result.sample.n_loops, self.step_flops(result.sample), result.applied)
@@ -136,16 +154,25 @@ class Trainer:
         self.sched = build_scheduler(self.opt, t.warmup_steps, t.steps, t.lr, t.min_lr)
 
     def restore(self) -> None:
-        """Weights, optimizer, schedule, RNG and data position from Ray Train's latest checkpoint."""
+        """Weights, optimizer, schedule, RNG and data position from the newest whole checkpoint:
+        Ray Train's latest, or, when that one is damaged (a truncated shard, a missing file), the
+        newest earlier one beside it; what was skipped is said and tagged on the MLflow run."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as folder:
+        with checkpoint.as_directory() as latest:
+            folder, skipped = resumable_checkpoint(latest)
+            if folder is None:
+                raise CheckpointError("no checkpoint of this run can be resumed from: " + "; ".join(skipped))
             self.state = load_checkpoint(folder, self.model, self.opt, self.sched, self.rank)
         if self.rank == 0:
             s = self.state
+            for problem in skipped:
+                say(f"[mythos] skipped a damaged checkpoint: {problem}")
+            if skipped:
+                self.tracker.set_tags({"mythos.resume.skipped": "; ".join(skipped)[:5000]})
             say(f"[mythos] resumed from checkpoint at step {s.step} (epoch {s.data_epoch}, "
-                f"batch {s.data_batches} of this rank's shard)")
+                f"batch {s.data_batches} of this rank's shard){' ' + folder.name if skipped else ''}")
 
     def open_data(self) -> None:
         """This rank's endless training batches, from the (restored) data position, and its
@@ -176,7 +203,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm.detach().cpu())
         finite = bool(all_reduce_mean(finite.float()) == 1.0)
-        applied = apply_update(finite, t.nonfinite, self.state.step, float(loss), float(grad_norm))
+        applied = apply_update(finite, t, self.state, self.state.step + 1, float(loss), float(grad_norm))
         if applied:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -200,6 +227,9 @@ class Trainer:
                              collect_stats=collect_stats)
             task = task_loss(out, t, loop_labels)
             loss = _loss(out, targets, t, loop_labels, task=task)
+            if self.fault:
+                loss = loss * self.fault.loss_factor(self.state.step + 1)
+                task = task * self.fault.loss_factor(self.state.step + 1)
         (loss / t.grad_accum).backward()
         if self.answers_only:
             # the last loop's labels: under a trajectory longer than the chain they are f^T, not f^k
@@ -253,6 +283,17 @@ class Trainer:
         with tempfile.TemporaryDirectory() as tmp:
             self.checkpoint(tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def stop(self, exc: Exception) -> None:
+        """End the run on an error that a restart would repeat (divergence): no export, and no
+        exception out of the workers (Ray Train would retry them); rank 0 writes the message to
+        `stopped_file(export_dir)`, which the driver turns into the run's error."""
+        if self.rank == 0:
+            say(f"[mythos] stopping: {exc}")
+            if self.export_dir:
+                stopped_file(self.export_dir).parent.mkdir(parents=True, exist_ok=True)
+                stopped_file(self.export_dir).write_text(json.dumps({"step": self.state.step, "error": str(exc)}))
+        self.tracker.log_metrics({"skipped_steps_total": self.state.skips_total}, step=self.state.step)
 
     def export(self) -> None:
         """The serving folder (config, safetensors, tokenizer) and training_summary.json."""

@@ -129,6 +129,13 @@ class SweepConfig(Section):
         if self.asha.enabled and self.asha.max_t is None and any(p.key == "train.steps" for p in params):
             raise ConfigError("asha.max_t", "must be set when train.steps is searched")
 
+    def preflight(self) -> None:
+        """The checks against this machine (see mythos_platform/preflight.py), before any Ray work."""
+        from ..preflight import writable_folder
+
+        writable_folder(self.root, "root")
+        self.pretrain_base().preflight("base.")
+
     # --- derived ------------------------------------------------------------------------
     def base_dict(self) -> dict[str, Any]:
         """The base pretrain config as a plain dict, with what the sweep sets for every trial."""

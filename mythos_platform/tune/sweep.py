@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,32 +159,12 @@ def _scheduler(cfg: SweepConfig, base: PretrainConfig):
                          reduction_factor=a.reduction_factor, brackets=a.brackets)
 
 
-def _parent_run(tracker: Tracker, name: str) -> str | None:
-    try:
-        exp = tracker.client.get_experiment_by_name(tracker.cfg.experiment)
-        if exp is None:
-            return None
-        runs = tracker.client.search_runs([exp.experiment_id],
-                                          f"tags.`{SWEEP_TAG}` = '{name}' and tags.`mythos.job` = 'sweep'",
-                                          order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
-    except Exception as exc:
-        log.warning("could not look up an earlier parent run of sweep %s: %s", name, exc)
-        return None
-
-
 def _child_runs(tracker: Tracker, parent_id: str | None) -> dict[str, str]:
     """trial_id -> MLflow run id of the parent's child runs."""
     if parent_id is None:
         return {}
-    try:
-        exp = tracker.client.get_experiment_by_name(tracker.cfg.experiment)
-        runs = tracker.client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                                          max_results=10000)
-        return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
-    except Exception as exc:
-        log.warning("could not list the sweep's child runs: %s", exc)
-        return {}
+    runs = tracker.search_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
+    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
 def _rows(grid, params: list[Param], metric: str, mode: str, children: dict[str, str]) -> list[dict[str, Any]]:
@@ -257,6 +241,45 @@ def _register(cfg: SweepConfig, tracker: Tracker, best: dict[str, Any]) -> Regis
     return reg
 
 
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped by Ctrl-C before every trial ended (its Tune state is saved)."""
+
+
+@contextmanager
+def interruptible():
+    """Ctrl-C (SIGINT) during `Tuner.fit`: remembered in the yielded Event and passed on to Tune
+    as SIGUSR1, its graceful stop (trials stopped, state saved, fit returns); a second Ctrl-C
+    stops at once. Tune's own SIGINT handler is switched off meanwhile: after it, a sweep could
+    not tell an interrupted trial from one that ASHA stopped."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        print("\n[mythos] Ctrl-C: stopping the sweep's trials and saving its state (Ctrl-C again to stop now)",
+              flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous, env = signal.getsignal(signal.SIGINT), os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if env is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = env
+
+
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep `cfg` on the current Ray cluster, starting a local one if needed."""
     clock = _Laps()
@@ -274,10 +297,18 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
     tuner = _tuner(cfg, base, params, root, datasets, tracker.run_id)
     try:
-        grid = tuner.fit()
+        with interruptible() as interrupted:
+            grid = tuner.fit()
     except BaseException:
         tracker.end("KILLED")
         raise
+    if interrupted.is_set():  # Tune stopped the trials, saved its state and returned
+        _release_leftovers(tracker)
+        tracker.end("KILLED")
+        raise SweepInterrupted(f"sweep '{cfg.name}' was interrupted with {len(grid) - grid.num_errors} of "
+                               f"{len(grid)} trials unfinished; nothing was registered. Its state is saved: run "
+                               f"the same command again (same name and root, {root}) to resume the unfinished "
+                               "trials")
     clock.lap("trials")
 
     rows = _rows(grid, params, cfg.search.metric, cfg.search.mode, _child_runs(tracker, tracker.run_id))
@@ -318,10 +349,9 @@ class _Laps:
 def _open_parent_run(tracker: Tracker, cfg: SweepConfig, base: PretrainConfig, params: list[Param]) -> None:
     """Continue the parent run of an earlier launch of this sweep, or start one with the space,
     the search settings and both configs."""
-    parent = _parent_run(tracker, cfg.name)
+    parent = tracker.find_run(f"tags.`{SWEEP_TAG}` = '{cfg.name}' and tags.`mythos.job` = 'sweep'")
     if parent is not None:
-        tracker.run_id = parent
-        tracker.client.update_run(parent, status="RUNNING")
+        tracker.reopen(parent)
         return
     tracker.start(run_name=cfg.name, tags={SWEEP_TAG: cfg.name, "mythos.job": "sweep",
                                            **git_tags(Path(__file__).resolve().parents[2])})
