@@ -42,9 +42,7 @@ def pipeline(cfg, args: argparse.Namespace) -> int:
     print_summary(summary, cfg.metric, keep_serving=cfg.keep_serving)
     sys.stdout.flush()
     if cfg.keep_serving:
-        # Ray Tune and Train leave their own SIGINT handlers installed after their stages: one
-        # Ctrl-C would then only print Tune's message while the endpoint keeps serving
-        wait_for_stop(signal.default_int_handler)
+        wait_for_stop()
         from ray import serve
 
         serve.shutdown()
@@ -81,15 +79,16 @@ def serve(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
-def wait_for_stop(on_sigint=None) -> None:
-    """Block until Ctrl-C (SIGINT) or SIGTERM (`ray job stop`, kill); SIGINT is handled even when
-    the process was started in the background, where it is ignored by default."""
+def wait_for_stop() -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM (`ray job stop`, kill). SIGINT is handled even when
+    the process was started in the background (where it is ignored by default) and whatever
+    handler an earlier stage left (Ray Tune and Train leave theirs installed, and one Ctrl-C would
+    only print Tune's message). Afterwards a second Ctrl-C interrupts the shutdown at once."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
-    if on_sigint is not None:
-        signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def evaluate(cfg, args: argparse.Namespace) -> int:

@@ -305,7 +305,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     if interrupted.is_set():  # Tune stopped the trials, saved its state and returned
         _release_leftovers(tracker)
         tracker.end("KILLED")
-        raise SweepInterrupted(f"sweep '{cfg.name}' was interrupted with {len(grid) - grid.num_errors} of "
+        # Tune marks the stopped trials TERMINATED too: unfinished is what did not report completion
+        unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("completed"))
+        raise SweepInterrupted(f"sweep '{cfg.name}' was interrupted with {unfinished} of "
                                f"{len(grid)} trials unfinished; nothing was registered. Its state is saved: run "
                                f"the same command again (same name and root, {root}) to resume the unfinished "
                                "trials")
