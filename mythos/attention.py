@@ -87,13 +87,18 @@ class GroupedQueryAttention(nn.Module):
         start: int = 0,
     ) -> torch.Tensor:
         B, S, _ = x.shape
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, start+S, Hkv, hd)
+        out = attend(q, k, v, mask, causal=True, scale=1.0 / math.sqrt(self.head_dim),
+                     dropout=self.dropout if self.training else 0.0)
+        return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))
+
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """x (B, S, D) -> q (B, S, H, hd), k and v (B, S, Hkv, hd); RoPE on q and k."""
+        B, S, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         q = apply_rope(q.view(B, S, H, hd), *rope)
         k = apply_rope(k.view(B, S, Hkv, hd), *rope)
-        v = v.view(B, S, Hkv, hd)
-        if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, start+S, Hkv, hd)
-        out = attend(q, k, v, mask, causal=True, scale=1.0 / math.sqrt(hd),
-                     dropout=self.dropout if self.training else 0.0)
-        return self.wo(out.reshape(B, S, H * hd))
+        return q, k, v.view(B, S, Hkv, hd)

@@ -73,6 +73,12 @@ class MythosConfig(ConfigModel):
     """MLA: per-head query/key dims without RoPE."""
     v_head_dim: int = 32
     """MLA: per-head value dims."""
+    moda: bool = False
+    """Mixture-of-Depths Attention (MoDA, arXiv:2603.15619) in the recurrent block: at loop
+    iteration t every head attends, under one softmax, to the causal sequence keys/values and to
+    t + 1 depth keys/values of the same token position, written from the prelude output e and
+    from the states after iterations 0..t-1 (one write projection per core layer). GQA only
+    (attn_type='gqa'); the KV cache is unchanged (depth entries live for one forward pass)."""
 
     # --- mixture of experts (inside the loop) ---------------------------------------------------
     n_experts: int = Field(8, ge=0)
@@ -87,6 +93,18 @@ class MythosConfig(ConfigModel):
     """Weight of the optional auxiliary balance loss (0 disables it; the router bias balances)."""
     router_bias_rate: float = Field(1e-3, ge=0)
     """Step of the aux-loss-free router-bias update (DeepSeek-V3's gamma)."""
+    router_score: Literal["sigmoid", "softmax"] = "sigmoid"
+    """Router affinities: sigmoid (DeepSeek-V3; the chosen gates are renormalised to sum to 1) or
+    softmax over all experts (the chosen probabilities are used as they are, not renormalised)."""
+    n_groups: int = Field(1, ge=1)
+    """Expert groups for group-limited routing (DeepSeek-V3): experts are split into n_groups equal
+    groups of consecutive experts; 1 = no grouping. Must divide n_experts."""
+    topk_groups: int = Field(1, ge=1)
+    """Groups each token may route to (group-limited routing): the groups with the largest sum of
+    their top (top_k // topk_groups) biased affinities; top_k experts are then chosen inside them.
+    In 1..n_groups; with n_groups = 1 it has no effect."""
+    route_scale: float = Field(1.0, gt=0)
+    """Factor on the routed experts' gate weights (DeepSeek-V3's routed scaling factor)."""
 
     # --- recurrence ----------------------------------------------------------------------
     act_enabled: bool = True
@@ -147,9 +165,12 @@ class MythosConfig(ConfigModel):
             need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
                  "must be a positive even int (RoPE rotates pairs)", self.qk_rope_head_dim)
             need(self.v_head_dim > 0, "v_head_dim", "must be > 0", self.v_head_dim)
+        need(not self.moda or self.attn_type == "gqa", "moda",
+             f"MoDA is supported with attn_type='gqa' only, not {self.attn_type!r}", self.moda)
         if self.use_moe:
             need(1 <= self.top_k <= self.n_experts, "top_k", f"must be in 1..n_experts={self.n_experts}", self.top_k)
             need(self.expert_dim > 0, "expert_dim", "must be > 0 when n_experts > 0", self.expert_dim)
+            self._check_groups()
         need(self.loop_emb_dim % 2 == 0 and 0 <= self.loop_emb_dim <= self.dim, "loop_emb_dim",
              f"must be even and in 0..dim={self.dim}", self.loop_emb_dim)
         need(self.train_loops_min <= self.train_loops_max, "train_loops_min",
@@ -157,6 +178,18 @@ class MythosConfig(ConfigModel):
         need(self.train_loops_min <= self.train_loops_mean <= self.train_loops_max, "train_loops_mean",
              f"must be in [train_loops_min, train_loops_max] = [{self.train_loops_min}, {self.train_loops_max}]",
              self.train_loops_mean)
+
+    def _check_groups(self) -> None:
+        """Group-limited routing: equal groups, topk_groups of them reachable, top_k fits inside."""
+        need = self.need
+        need(self.n_experts % self.n_groups == 0, "n_groups", f"must divide n_experts={self.n_experts}",
+             self.n_groups)
+        need(self.topk_groups <= self.n_groups, "topk_groups", f"must be in 1..n_groups={self.n_groups}",
+             self.topk_groups)
+        reachable = self.topk_groups * (self.n_experts // self.n_groups)
+        need(self.top_k <= reachable, "top_k",
+             f"must be <= the {reachable} experts reachable in topk_groups={self.topk_groups} of "
+             f"n_groups={self.n_groups} groups of n_experts={self.n_experts}", self.top_k)
 
     # ------------------------------------------------------------------------------------
     def to_json(self, path: str | Path | None = None) -> str:

@@ -66,6 +66,11 @@ class GenerationStep:
     finished: torch.Tensor
     """(B,) bool: the sequence ended at or before this step."""
     loops_used: int
+    logits: torch.Tensor | None = None
+    """(B, V) the logits `tokens` were chosen from (before temperature, top-k and top-p)."""
+    prompt_logits: torch.Tensor | None = None
+    """(B, P, V) at the first step of `stream(..., prompt_logits=True)`: the logits at every position of
+    the left-padded prompt batch (row i's prompt starts at column P - len(prompt_i))."""
 
 
 @dataclass
@@ -112,8 +117,11 @@ def stream(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     pad_id: int = 0,
+    prompt_logits: bool = False,
 ) -> Iterator[GenerationStep]:
-    """Yield one GenerationStep per generated position until every sequence has finished."""
+    """Yield one GenerationStep per generated position until every sequence has finished. With
+    `prompt_logits` the first step also carries the logits at every prompt position (for scoring the
+    prompt: the prefill computes them in the same pass)."""
     if not prompts:
         raise ValueError("prompts is empty: need at least one prompt")
     if any(len(p) == 0 for p in prompts):
@@ -135,13 +143,16 @@ def stream(
     was_training = model.training
     model.eval()
     try:
-        out = model(ids, n_loops=n_loops, cache=cache, exit_threshold=params.exit_threshold, last_logits_only=True)
+        out = model(ids, n_loops=n_loops, cache=cache, exit_threshold=params.exit_threshold,
+                    last_logits_only=not prompt_logits)
+        first_logits = out.logits if prompt_logits else None
         for _ in range(params.max_new_tokens):
             tok = sample_next(out.logits[:, -1], params, generator)
             tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
             if stop.numel():
                 finished = finished | torch.isin(tok, stop)
-            yield GenerationStep(tok, finished.clone(), out.loops_used)
+            yield GenerationStep(tok, finished.clone(), out.loops_used, out.logits[:, -1], first_logits)
+            first_logits = None
             if bool(finished.all()) or cache.length >= cache.capacity:
                 return
             out = model(tok[:, None], n_loops=n_loops, cache=cache, exit_threshold=params.exit_threshold,

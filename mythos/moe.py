@@ -1,18 +1,19 @@
 """Fine-grained Mixture-of-Experts FFN (DeepSeekMoE, arXiv:2401.06066) with aux-loss-free balancing.
 
 - Many small routed SwiGLU experts, top-k per token, plus always-on shared experts.
-- Routing as in DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): sigmoid affinities; a per-expert
-  bias is added only when *choosing* the experts, the gate weights come from the unbiased
-  affinities, normalised over the chosen ones. `update_router_bias(load)` nudges the bias by
-  `rate * sign(mean_load - load_e)` from the observed per-expert load, so overloaded experts
-  become less likely to be chosen; an optional small sequence-level auxiliary loss is returned
-  as well (weight `aux_loss_coef`, 0 = off).
+- Routing as in DeepSeek-V3 (arXiv:2412.19437, section 2.1.2; `mythos/router.py`): sigmoid (or
+  softmax) affinities, optionally group-limited (`n_groups`, `topk_groups`); a per-expert bias is
+  added only when *choosing* the experts, the gate weights come from the unbiased affinities
+  (sigmoid: normalised over the chosen ones), times `route_scale`. `update_router_bias(load)`
+  nudges the bias by `rate * sign(mean_load - load_e)` from the observed per-expert load, so
+  overloaded experts become less likely to be chosen; an optional small sequence-level auxiliary
+  loss is returned as well (weight `aux_loss_coef`, 0 = off).
 - Dispatch is loop-free: token copies are sorted by expert once (argsort), every expert then
   reads a contiguous slice, and all experts run as one grouped matmul
   (`torch.nn.functional.grouped_mm`) — or, on builds without it and for widths the grouped
   kernels cannot take (sizes not a multiple of 16 bytes, e.g. dim=30), one matmul per slice with
-  a single host sync for the slice sizes. The masked per-expert loop is kept only in the tests,
-  as the oracle this is compared against.
+  a single host sync for the slice sizes (the grouped kernel path has none). The masked per-expert
+  loop is kept only in the tests, as the oracle this is compared against.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ffn import SwiGLU
+from .router import RouterSpec, route
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 
@@ -46,12 +48,26 @@ def _grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.stride(-1) == 1 and w.stride(-2) == M)
 
 
-def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+class _Groups:
+    """Rows per expert (a device tensor); the fallback reads them to the host at most once per forward."""
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        self.counts = counts
+        self._sizes: list[int] | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        if self._sizes is None:
+            self._sizes = self.counts.tolist()  # the one host sync of the fallback
+        return self._sizes
+
+
+def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: _Groups) -> torch.Tensor:
     """Rows of x sorted by group; rows of group e multiply w[e]. x (N, K), w (E, K, M) -> (N, M)."""
     if _grouped_mm_fits(x, w):
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        offs = torch.cumsum(groups.counts, 0, dtype=torch.int32)
         return _GROUPED_MM(x, w.to(x.dtype), offs=offs)
-    sizes = counts.tolist()  # the one host sync of the fallback
+    sizes = groups.sizes
     outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
@@ -66,10 +82,15 @@ class MoE(nn.Module):
         n_shared_experts: int = 1,
         aux_loss_coef: float = 0.0,
         bias_rate: float = 1e-3,
+        score: str = "sigmoid",
+        n_groups: int = 1,
+        topk_groups: int = 1,
+        route_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.dim, self.n_experts, self.top_k, self.expert_dim = dim, n_experts, top_k, expert_dim
         self.aux_loss_coef, self.bias_rate = aux_loss_coef, bias_rate
+        self.spec = RouterSpec(top_k, score, n_groups, topk_groups, route_scale)
         self.router = nn.Linear(dim, n_experts, bias=False)
         # (E, D, 2F): gate and up projections of every expert, fused; (E, F, D): down projections
         self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * expert_dim))
@@ -90,16 +111,13 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> chosen experts (N, k), gate weights (N, k), affinities (N, E)."""
-        scores = torch.sigmoid(self.router(x).float())  # (N, E)
-        _, idx = torch.topk(scores + self.router_bias, self.top_k, dim=-1)  # bias only chooses
-        gates = scores.gather(-1, idx)
-        gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
-        return idx, gates, scores
+        return route(self.router(x), self.router_bias, self.spec)  # the bias only chooses
 
     def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Every expert's SwiGLU on its contiguous slice of x_sorted (rows sorted by expert)."""
-        gate, up = _grouped_matmul(x_sorted, self.w13, counts).chunk(2, dim=-1)
-        return _grouped_matmul(F.silu(gate) * up, self.w2, counts)
+        groups = _Groups(counts)
+        gate, up = _grouped_matmul(x_sorted, self.w13, groups).chunk(2, dim=-1)
+        return _grouped_matmul(F.silu(gate) * up, self.w2, groups)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> (output (B, S, D), auxiliary loss (scalar, 0 when disabled))."""
@@ -110,7 +128,9 @@ class MoE(nn.Module):
         flat_expert = idx.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_expert, stable=True)  # token copies grouped by expert
         token_of = order // k  # source token of each sorted copy
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (E,)
+        # (E,) copies per expert; scatter_add_, not bincount, which reads the max back to the host on CUDA
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))
         y = self.experts(xf[token_of], counts)  # (N*k, D)
         y = y * gates.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(xf).index_add_(0, token_of, y)
@@ -138,7 +158,10 @@ class MoE(nn.Module):
         return load
 
     def extra_repr(self) -> str:
-        return f"experts={self.n_experts}, top_k={self.top_k}, expert_dim={self.expert_dim}"
+        s = self.spec
+        groups = f", groups={s.topk_groups}/{s.n_groups}" if s.n_groups > 1 else ""
+        return (f"experts={self.n_experts}, top_k={self.top_k}, expert_dim={self.expert_dim}, score={s.score}"
+                f"{groups}, route_scale={s.route_scale:g}")
 
 
 def load_imbalance(load: torch.Tensor) -> float:

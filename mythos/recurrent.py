@@ -4,6 +4,8 @@
     h_{t+1} = A * h_t + B * e + Block(u_t) + LoRA_t(u_t)            (Block returns its update)
 
 with ACT weighting the states h_1..h_T into the output (or the output is h_T with ACT off).
+With `moda`, the core layers' attention at iteration t also reads depth entries of each position
+written from e and h_1..h_t (Mixture-of-Depths Attention, `mythos/moda.py`).
 In training only the last `bptt_depth` iterations are under autograd (truncated
 backpropagation through the loop); earlier ones run under no_grad.
 
@@ -30,6 +32,7 @@ from .injection import LTIInjection
 from .kv_cache import KVCache
 from .loop_embedding import loop_index_embedding
 from .lora import DepthLoRA
+from .moda import DepthMemory, DepthWriter
 from .norm import RMSNorm
 
 EXIT_ON = ("all", "last")
@@ -50,7 +53,12 @@ class RecurrentBlock(nn.Module):
     def __init__(self, cfg: MythosConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(TransformerBlock(cfg, moe=cfg.use_moe) for _ in range(cfg.core_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, moe=cfg.use_moe, moda=cfg.moda)
+                                    for _ in range(cfg.core_layers))
+        # MoDA: writes each state's depth entries (outside the layers, so that an FSDP unit per
+        # layer never has its parameters read outside its own forward)
+        self.depth_writer = DepthWriter(cfg.dim, cfg.core_layers, cfg.n_kv_heads, cfg.head_dim,
+                                        cfg.norm_eps) if cfg.moda else None
         self.in_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.injection = LTIInjection(cfg.dim, cfg.injection_init_decay)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.train_loops_max) if cfg.lora_rank > 0 else None
@@ -65,6 +73,8 @@ class RecurrentBlock(nn.Module):
             self.lora.init_weights(std)
         if self.act is not None:
             self.act.init_weights()
+        if self.depth_writer is not None:
+            self.depth_writer.init_weights(std)
 
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
         if self.cfg.state_init == "noise":
@@ -94,19 +104,15 @@ class RecurrentBlock(nn.Module):
         norms: list[torch.Tensor] = []
         loop_states: list[torch.Tensor] = []
         loops_used = n_loops
+        memory = DepthMemory(len(self.layers)) if self.depth_writer is not None else None
         for t in range(n_loops):
             ctx = torch.no_grad() if t < first_grad else contextlib.nullcontext()
             with ctx:
+                if memory is not None:  # MoDA: e first, then the state each iteration starts from
+                    memory.write(self.depth_writer(e if t == 0 else h, rope))
                 u = self.in_norm(h + loop_index_embedding(t, cfg.loop_emb_dim, cfg.dim, e.device, e.dtype) + e)
-                x, update = u, None
-                for j, layer in enumerate(self.layers):
-                    slot = cache.slot("core", j, t) if cache is not None else None
-                    d, a = layer(x, rope, mask, slot, start)
-                    x = x + d
-                    update = d if update is None else update + d
-                    aux = aux + a
-                if self.lora is not None:
-                    update = update + self.lora(u, t)
+                update, a = self.step(u, t, rope, mask, cache, start, memory)
+                aux = aux + a
                 h_new = self.injection(h, e, update)
                 last = t == n_loops - 1
                 converged = False
@@ -126,12 +132,30 @@ class RecurrentBlock(nn.Module):
             if converged and not last:
                 loops_used = t + 1
                 if cache is not None and not cache.share_loops:
-                    S = e.shape[1]
-                    for j in range(len(self.layers)):
-                        src = cache.slot("core", j, t)
-                        for later in range(t + 1, n_loops):
-                            cache.slot("core", j, later).copy_positions(src, start, start + S)
+                    self._fill_skipped(cache, t, n_loops, start, start + e.shape[1])
                 break
         out = act.output if act is not None else h
         ponder = act.ponder_cost() if act is not None else None
         return RecurrentOutput(out, aux, ponder, loops_used, norms, loop_states)
+
+    def step(self, u: torch.Tensor, t: int, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+             cache: KVCache | None, start: int, memory: DepthMemory | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack of core layers at iteration t on u (B, S, D) -> (summed update incl. LoRA, aux loss)."""
+        x, update, aux = u, None, u.new_zeros((), dtype=torch.float32)
+        for j, layer in enumerate(self.layers):
+            slot = cache.slot("core", j, t) if cache is not None else None
+            depth = memory.read(j) if memory is not None else None
+            d, a = layer(x, rope, mask, slot, start, depth)
+            x = x + d
+            update = d if update is None else update + d
+            aux = aux + a
+        if self.lora is not None:
+            update = update + self.lora(u, t)
+        return update, aux
+
+    def _fill_skipped(self, cache: KVCache, t: int, n_loops: int, start: int, end: int) -> None:
+        """After an exit at iteration t: later iterations' slots get iteration t's entries (positions start..end-1)."""
+        for j in range(len(self.layers)):
+            src = cache.slot("core", j, t)
+            for later in range(t + 1, n_loops):
+                cache.slot("core", j, later).copy_positions(src, start, end)

@@ -6,6 +6,11 @@ the recurrent block and only the top-k routed experts, plus attention scores and
 the keys a token sees, plus the LM head. A training step is forward + backward where the
 backward costs 2x the forward of what is under autograd: with truncated backprop the first
 n_loops - bptt_depth iterations are forward only.
+
+MoDA (`cfg.moda`): iteration t's core layers also attend to t + 1 depth entries per token, and
+each iteration writes one entry per core layer (a linear of the core, counted with it). The KV cache
+does not grow: depth entries are a transient working set of one forward pass
+(`moda_depth_numbers_per_token`).
 """
 
 from __future__ import annotations
@@ -81,7 +86,10 @@ class Flops:
     train_step: float
     """FLOPs per token of forward + backward (truncated backprop counted)."""
     per_loop: float
-    """FLOPs per token of one recurrent iteration (forward)."""
+    """FLOPs per token of one recurrent iteration (forward), without MoDA's depth attention."""
+    depth_attention: float = 0.0
+    """MoDA: FLOPs per token of attending to depth entries, all iterations of the forward pass (in
+    `forward`; iteration t reads t + 1 entries per core layer)."""
 
 
 def flops_per_token(
@@ -101,13 +109,22 @@ def flops_per_token(
     once = _linear_flops(model.prelude) + _linear_flops(model.coda) + 2 * cfg.dim * cfg.vocab_size
     once += (cfg.prelude_layers + cfg.coda_layers) * attn
     per_loop = _linear_flops(model.core) + cfg.core_layers * attn
-    forward = once + n_loops * per_loop
-    grad_part = once + bptt * per_loop
-    return Flops(forward, forward + 2 * grad_part, per_loop)
+    depth = _depth_attention_flops(cfg, 0, n_loops)
+    forward = once + n_loops * per_loop + depth
+    grad_part = once + bptt * per_loop + _depth_attention_flops(cfg, n_loops - bptt, n_loops)
+    return Flops(forward, forward + 2 * grad_part, per_loop, depth)
+
+
+def _depth_attention_flops(cfg: MythosConfig, first: int, end: int) -> float:
+    """MoDA's depth part of iterations first..end-1 (iteration t: t + 1 keys), all core layers."""
+    if not cfg.moda:
+        return 0.0
+    keys = sum(t + 1 for t in range(first, end))
+    return cfg.core_layers * _attention_flops(cfg, keys)
 
 
 def kv_cache_numbers_per_token(cfg: MythosConfig, n_loops: int | None = None, share_loops: bool = False) -> int:
-    """Numbers the KV cache holds per token, over all layers and loop iterations."""
+    """Numbers the KV cache holds per token, over all layers and loop iterations (MoDA adds none)."""
     n_loops = cfg.n_loops if n_loops is None else n_loops
     if cfg.attn_type == "mla":
         per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -119,3 +136,12 @@ def kv_cache_numbers_per_token(cfg: MythosConfig, n_loops: int | None = None, sh
 
 def kv_cache_numbers_per_layer(cfg: MythosConfig) -> int:
     return kv_cache_numbers_per_token(cfg, n_loops=1) // cfg.n_layers_total
+
+
+def moda_depth_numbers_per_token(cfg: MythosConfig, n_loops: int | None = None) -> int:
+    """MoDA: depth keys and values held per token at the end of a forward pass of `n_loops`
+    iterations (the entries of e and h_1..h_{n-1}, each core layer), freed after the pass; 0 without MoDA."""
+    n_loops = cfg.n_loops if n_loops is None else n_loops
+    if not cfg.moda:
+        return 0
+    return cfg.core_layers * n_loops * 2 * cfg.n_kv_heads * cfg.head_dim

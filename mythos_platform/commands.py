@@ -42,10 +42,10 @@ def pipeline(cfg, args: argparse.Namespace) -> int:
     print_summary(summary, cfg.metric, keep_serving=cfg.keep_serving)
     sys.stdout.flush()
     if cfg.keep_serving:
-        wait_for_stop()
-        from ray import serve
+        from .pipeline import stop_serving
 
-        serve.shutdown()
+        wait_for_stop()
+        stop_serving(cfg.serve.deployment.app_name)
         print("[mythos pipeline] endpoint stopped.")
     return 0
 

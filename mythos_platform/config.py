@@ -176,6 +176,14 @@ class DataConfig(Section):
     """Documents per tokenize-and-pack batch (each batch drops its tail of < seq_len + 1 tokens)."""
     materialize: bool = False
     """Materialize the training dataset before training (small data on small machines)."""
+    order: Literal["fixed", "streaming"] | None = None
+    """fixed: the data order is a pure function of the config (seeds) and the position in it: each
+    rank reads a fixed, equal part of the training set in a fixed order (the set is materialized in
+    the object store at the start of training, spilled to disk when large), so a relaunch or a
+    restart after a failure replays the very batches of an uninterrupted run. streaming: Ray Data
+    streams blocks to whichever rank asks first (no materialization, lower memory for very large
+    data; the order differs between launches, so a resumed run is not step-for-step reproducible).
+    null: fixed, except for FineWeb from the hub without a num_blocks cap, which streams."""
 
     def check(self) -> None:
         self.need(self.source != "local" or bool(self.paths), "paths",
@@ -206,6 +214,9 @@ class DataConfig(Section):
                   "fixed_point_max_hops", f"must be > max_hops={self.max_hops}", self.fixed_point_max_hops)
         self.need(self.unmarked_depth is None or self.unmarked_depth >= 1, "unmarked_depth",
                   "must be >= 1 or null", self.unmarked_depth)
+        self.need(not (self.order == "fixed" and self._uncapped_stream), "order",
+                  "'fixed' materializes the training set, which the FineWeb stream from the hub without a cap "
+                  "cannot be: set num_blocks (a cap), local paths, or order: streaming", self.order)
         self.need((self.source == "pointer") == (self.tokenizer == "pointer"), "tokenizer",
                   "source 'pointer' brings its own word-level tokenizer: set data.tokenizer=pointer with it "
                   "(and only with it)", self.tokenizer)
@@ -232,6 +243,15 @@ class DataConfig(Section):
         from .data.pointer import PointerFormat
 
         return PointerFormat(self.n_symbols, self.hop_marks)
+
+    @property
+    def _uncapped_stream(self) -> bool:
+        return self.source == "fineweb" and not self.paths and self.num_blocks is None
+
+    @property
+    def resolved_order(self) -> str:
+        """`order`, with null resolved: fixed, except for the uncapped FineWeb stream from the hub."""
+        return self.order or ("streaming" if self._uncapped_stream else "fixed")
 
     def build_tokenizer(self):
         """The tokenizer this data is encoded with (and that is saved beside the model)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,11 +142,16 @@ def question(hops: int) -> dict[str, Any]:
 def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     """Run every stage in turn on the current Ray cluster (a local one is started if needed)."""
     run = PipelineRun(cfg)
-    pre, base_export = run.pretrain()
-    sweep_run = run.sweep(pre.export_dir) if run.sweep_cfg is not None else None
-    eval_run, report, plot_path = run.evaluate(base_export)
-    url = run.deploy()
-    model_name, q, answers = run.ask(url)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # one Ctrl-C: KeyboardInterrupt, in any stage
+    try:
+        pre, base_export = run.pretrain()
+        sweep_run = run.sweep(pre.export_dir) if run.sweep_cfg is not None else None
+        eval_run, report, plot_path = run.evaluate(base_export)
+        url = run.deploy()
+        model_name, q, answers = run.ask(url)
+    except KeyboardInterrupt as exc:
+        raise KeyboardInterrupt(run.stopped(exc)) from None
     return PipelineSummary(run.root, run.uri, run.stages, pre.mlflow_run_id, sweep_run, eval_run, run.champion,
                            report.markdown(), plot_path, report.deepest_solved(), run.pre_cfg.data.max_hops, url,
                            model_name, q, answers)
@@ -162,11 +169,14 @@ class PipelineRun:
         self.serve_cfg = serve_cfg.updated({"model.tracking_uri": self.uri})
         self.stages: dict[str, float] = {}
         self.champion: dict[str, Any] = {}
+        self.current = "0/0 (starting)"
+        self.deployed = False
         self._number, self._total = 0, 5 if self.sweep_cfg is not None else 4
 
     @contextmanager
     def stage(self, key: str, title: str):
         self._number += 1
+        self.current = f"{self._number}/{self._total} ({title})"
         print(f"\n[mythos pipeline] ===== {self._number}/{self._total} {title} =====", flush=True)
         t = time.perf_counter()
         yield
@@ -232,7 +242,17 @@ class PipelineRun:
         from .serve.deploy import deploy
 
         with self.stage("deploy", "deploy the champion"):
+            self.deployed = True
             return deploy(self.serve_cfg)
+
+    def stopped(self, exc: KeyboardInterrupt) -> str:
+        """After Ctrl-C: the endpoint (if this run deployed it) deleted; what stopped and how to go on."""
+        if self.deployed:
+            stop_serving(self.serve_cfg.deployment.app_name)
+        why = f": {exc}" if str(exc) else ""
+        return (f"the pipeline stopped in stage {self.current}{why}. What finished is kept under {self.root}; "
+                "the same command goes on from there (training resumes from its checkpoints, a finished "
+                "sweep is not run again)")
 
     def ask(self, url: str):
         """The deep question, asked of the served model at each of question_loops."""
@@ -255,6 +275,16 @@ class PipelineRun:
                 answers.append(Answer(n, text, c.get("mythos", {}).get("loops_used"),
                                       text.strip() == q["answer"].strip()))
         return model_name, q, answers
+
+
+def stop_serving(app_name: str) -> None:
+    """Delete the Serve application `app_name` (the pipeline's endpoint), if Serve still runs."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    except Exception as exc:  # Serve or the cluster already gone: nothing left to stop
+        print(f"[mythos pipeline] (the endpoint could not be deleted: {exc})", flush=True)
 
 
 def _log_report(uri: str, root: Path, run_id: str | None, report, plot_path: Path) -> None:

@@ -8,6 +8,8 @@ from mythos.sizing import kv_cache_numbers_per_token
 CONFIGS = {
     "gqa": get_variant("debug", max_seq_len=64),
     "mla": get_variant("debug", attn_type="mla", q_lora_rank=32, max_seq_len=64),
+    # MoDA: depth entries are rebuilt in every pass, the cache holds what it holds for plain GQA
+    "moda": get_variant("debug", moda=True, core_layers=2, max_seq_len=64),
 }
 
 

@@ -139,6 +139,17 @@ def test_sections_load_on_their_own():
     assert err.value.path == "train.lr"
 
 
+def test_data_order_is_fixed_except_for_the_uncapped_hub_stream():
+    assert DataConfig().resolved_order == "fixed"  # generated corpus: materialized, same order every launch
+    assert DataConfig(source="fineweb").resolved_order == "streaming"  # the hub stream: too large to hold
+    assert DataConfig(source="fineweb", num_blocks=1000).resolved_order == "fixed"
+    assert DataConfig(source="fineweb", paths=["x.parquet"]).resolved_order == "fixed"
+    assert DataConfig(order="streaming").resolved_order == "streaming"
+    with pytest.raises(ConfigError, match=r"^data\.order: got 'fixed'; 'fixed' materializes the training set"):
+        DataConfig.from_dict({"source": "fineweb", "order": "fixed"}, "data")
+    assert load_config(CONFIGS / "fineweb-1b-8gpu.yaml").data.resolved_order == "streaming"
+
+
 def test_shipped_debug_config():
     cfg = load_config(CONFIGS / "debug.yaml")
     assert cfg.data.source == "generated" and cfg.model.variant == "debug"

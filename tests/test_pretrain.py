@@ -1,6 +1,7 @@
 """The spine on a real local Ray cluster: FSDP2 training, checkpoints, fault recovery, MLflow."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,22 @@ def read_state(checkpoint_path: str) -> dict:
     return json.loads((Path(checkpoint_path) / "train_state.json").read_text())
 
 
-def test_fsdp_run_checkpoints_exports_and_tracks(ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(ray_cluster, tmp_path_factory):
+    """A 24-step FSDP2 run on two workers, undisturbed: what the fault tests must reproduce."""
+    return run_pretrain(small_cfg(tmp_path_factory.mktemp("plain")))
+
+
+def history(res, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
-    res = run_pretrain(small_cfg(tmp_path))
+    return [(m.step, m.value) for m in MlflowClient(res.tracking_uri).get_metric_history(res.mlflow_run_id, key)]
+
+
+def test_fsdp_run_checkpoints_exports_and_tracks(plain_run):
+    from mlflow.tracking import MlflowClient
+
+    res = plain_run
     # checkpoint: DCP shards of both ranks + the trainer state at the final step
     ckpt = Path(res.checkpoint_path)
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.json"} <= {p.name for p in ckpt.iterdir()}
@@ -71,42 +84,52 @@ def test_fsdp_run_checkpoints_exports_and_tracks(ray_cluster, tmp_path):
     for key in ("val_loss", "tokens_per_s", "mfu", "grad_norm", "lr", "max_A", "mean_loops",
                 "expert_load_imbalance", "state_norm/loop_01"):
         assert client.get_metric_history(res.mlflow_run_id, key), key
+    assert not client.get_metric_history(res.mlflow_run_id, "resumed_from_step")  # never restarted
     arts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"plots", "model", "config"} <= arts
     model_files = {Path(a.path).name for a in client.list_artifacts(res.mlflow_run_id, "model")}
     assert {"config.json", "model.safetensors"} <= model_files
 
 
-def test_killed_worker_resumes_from_checkpoint_without_rewinding_data(ray_cluster, fault_file, tmp_path):
-    marker = tmp_path / "killed"
-    cfg = small_cfg(tmp_path / "run", **{"run.max_failures": "1", "train.parallelism": "ddp"})
-    # the last rank dies at step 12, once Ray Train has registered the step-8 checkpoint
-    fault_file.write_text(json.dumps({"kill_at_step": 12, "marker": str(marker), "wait_s": 5}))
+def test_chaos_worker_kills_reproduce_the_uninterrupted_run(ray_cluster, fault_file, plain_run, tmp_path):
+    """Two workers are SIGKILLed at two seeded-random steps (random.Random(3): rank 0 after step 12,
+    which is logged but not checkpointed; rank 1 after step 18). Ray Train restarts the worker group
+    from the last checkpoint each time; the fixed data order (data.order: fixed) replays the batches
+    an undisturbed run trains on, so the run ends where the plain run ended, step for step, and
+    MLflow shows every step once."""
+    rng = random.Random(3)
+    steps = sorted(rng.sample(range(9, 24), 2))  # after the first checkpoint (step 8), before the end
+    kills = [{"step": s, "rank": rng.randrange(2), "marker": str(tmp_path / f"killed-{s}")} for s in steps]
+    assert any(s % 4 == 0 and s % 8 for s in steps)  # one kill replays a step that was already logged
+    fault_file.write_text(json.dumps({"kills": kills, "wait_s": 3}))
     try:
-        res = run_pretrain(cfg)
+        res = run_pretrain(small_cfg(tmp_path / "run", **{"run.max_failures": "2"}))
     finally:
         fault_file.unlink()
-    assert marker.exists()  # a worker process really died (SIGKILL at step 12)
-    state = read_state(res.checkpoint_path)
-    # resumed from the step-8 checkpoint and went on to 24 steps; the data position continued
-    # from batch 8 of each shard (a rewound run would end at 24 - 8 = 16 batches into its pass)
-    assert state["step"] == 24
-    assert state["tokens"] == 24 * 4 * 64 * 2
-    assert state["data_epoch"] == 0 and state["data_batches"] == 24
-    # it resumed rather than started over: the steps before the checkpoint were logged once
-    from mlflow.tracking import MlflowClient
-
-    loss = MlflowClient(res.tracking_uri).get_metric_history(res.mlflow_run_id, "loss")
-    assert sorted(m.step for m in loss) == [4, 8, 12, 16, 20, 24]
+    assert all(Path(k["marker"]).exists() for k in kills)  # both worker processes really died
+    state, plain = read_state(res.checkpoint_path), read_state(plain_run.checkpoint_path)
+    assert (state["step"], state["tokens"], state["data_epoch"], state["data_batches"]) == \
+           (plain["step"], plain["tokens"], plain["data_epoch"], plain["data_batches"]) == (24, 24 * 4 * 64 * 2, 0, 24)
+    # resumed twice, each time from the last registered checkpoint before the kill
+    resumes = [v for _, v in history(res, "resumed_from_step")]
+    assert len(resumes) == 2 and all(r in (8.0, 16.0) for r in resumes) and resumes[-1] == 16.0
+    # the same batches, the same updates: the loss and validation curves of the plain run, each step once
+    for key in ("loss", "val_loss", "grad_norm"):
+        got, want = history(res, key), history(plain_run, key)
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5, abs=1e-6), key
     # re-launching the same run name with more steps resumes from the last whole checkpoint: the
     # newest one (step 24) has a truncated shard, so the one before it (step 16) is used
+    from mlflow.tracking import MlflowClient
+
     shard = Path(res.checkpoint_path) / "__1_0.distcp"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 3)
-    more = run_pretrain(small_cfg(tmp_path / "run", **{"train.steps": "32", "train.parallelism": "ddp"}))
+    more = run_pretrain(small_cfg(tmp_path / "run", **{"train.steps": "32"}))
     assert read_state(more.checkpoint_path)["step"] == 32
     assert read_state(more.checkpoint_path)["data_batches"] == 32
     assert more.mlflow_run_id == res.mlflow_run_id  # the same MLflow run continued
+    assert [s for s, _ in history(more, "loss")] == [4, 8, 12, 16, 20, 24, 28, 32]
     skipped = MlflowClient(res.tracking_uri).get_run(res.mlflow_run_id).data.tags["mythos.resume.skipped"]
     assert skipped.startswith(f"{shard} is truncated (")
 

@@ -69,3 +69,52 @@ def test_kv_cache_mla_smaller_than_gqa_at_default():
     assert gqa == 2 * gqa_cfg.n_kv_heads * gqa_cfg.head_dim == 1024
     assert kv_cache_numbers_per_token(cfg, n_loops=8) == 576 * (cfg.prelude_layers + cfg.coda_layers + 8 * cfg.core_layers)
     assert kv_cache_numbers_per_token(cfg, n_loops=8, share_loops=True) == 576 * cfg.n_layers_total
+
+
+def test_moda_flops_match_counted_matmuls(monkeypatch):
+    """MoDA's attention is plain einsums that FlopCounterMode sees: its sequence part over every key
+    (the causal mask is applied after the matmul) and its depth part over t + 1 entries at iteration t."""
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM", None)
+    cfg = get_variant("debug", moda=True, core_layers=2, act_enabled=False)
+    model = Mythos(cfg).eval()
+    S, loops = 24, 5
+    measured = _measured_matmul_flops(model, torch.randint(0, 256, (2, S)), loops)
+    f = flops_per_token(cfg, n_loops=loops, seq_len=S)
+    per_key = 2.0 * cfg.n_heads * 2 * cfg.head_dim  # scores + values, one key
+    assert f.depth_attention == pytest.approx(cfg.core_layers * per_key * (1 + 2 + 3 + 4 + 5))
+    sdpa = per_key * (S + 1) / 2 * (cfg.prelude_layers + cfg.coda_layers)  # not seen by the counter
+    # nor is the weighted sum over the single depth entry of iteration 0 (einsum runs it as a product)
+    one_entry = cfg.core_layers * per_key / 2
+    core_seq = loops * cfg.core_layers * per_key
+    assert measured + sdpa + one_entry == pytest.approx(f.forward - core_seq * (S + 1) / 2 + core_seq * S, rel=1e-9)
+
+
+def test_moda_flops_add_the_write_projections_and_the_depth_part():
+    base, moda = get_variant("debug"), get_variant("debug", moda=True)
+    f0, f1 = flops_per_token(base, n_loops=8, seq_len=256), flops_per_token(moda, n_loops=8, seq_len=256)
+    write = 2 * moda.dim * 2 * moda.n_kv_heads * moda.head_dim * moda.core_layers  # one write per iteration
+    assert f1.per_loop - f0.per_loop == write
+    assert f1.forward - f0.forward == pytest.approx(8 * write + f1.depth_attention)
+    assert f0.depth_attention == 0
+    # truncated backprop differentiates the depth part of the last iterations only (t = 6, 7: 7 + 8 keys)
+    trunc = flops_per_token(moda, n_loops=8, seq_len=256, bptt_depth=2)
+    two = flops_per_token(moda, n_loops=2, seq_len=256)  # the same weights twice, depth part of t = 0, 1
+    per_key = 2.0 * moda.n_heads * 2 * moda.head_dim
+    grad_part = (trunc.train_step - trunc.forward) / 2
+    assert grad_part == pytest.approx(two.forward - two.depth_attention + moda.core_layers * per_key * (7 + 8))
+
+
+def test_moda_keeps_the_kv_cache_and_holds_one_depth_entry_per_iteration(monkeypatch):
+    from mythos.moda import DepthMemory
+    from mythos.sizing import moda_depth_numbers_per_token
+
+    cfg = get_variant("debug", moda=True, core_layers=2)
+    assert kv_cache_numbers_per_token(cfg, n_loops=8) == kv_cache_numbers_per_token(cfg.replace(moda=False), n_loops=8)
+    held = []
+    orig = DepthMemory.write
+    monkeypatch.setattr(DepthMemory, "write", lambda self, entries: (orig(self, entries), held.append(
+        sum(k.numel() + v.numel() for k, v in entries)))[0])
+    with torch.no_grad():
+        Mythos(cfg).eval()(torch.randint(0, 256, (3, 10)), n_loops=6)
+    assert sum(held) / (3 * 10) == moda_depth_numbers_per_token(cfg, n_loops=6) == 2 * 6 * 2 * 2 * 32
+    assert moda_depth_numbers_per_token(cfg.replace(moda=False), n_loops=6) == 0

@@ -35,6 +35,7 @@ import numpy as np
 
 from mythos_platform.data import multihop, pointer
 from mythos_platform.data.packing import pack_documents, encode_documents, tokenize_and_pack
+from mythos_platform.data.sharding import keep_order
 from mythos_platform.data.sources import read_fineweb, read_local
 
 if TYPE_CHECKING:
@@ -132,7 +133,10 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any) -> tuple["ray.data.Dataset
 
     Needs Ray initialised (or initialises a local one, as Ray Data does). Reader errors
     such as an unreachable hub raise `DataSourceError` here, before any training starts.
+    With data.order fixed, the datasets keep their block order (see data/sharding.py).
     """
+    if cfg.resolved_order == "fixed":
+        keep_order()
     if cfg.source == "pointer":
         train = _pointer(cfg, cfg.n_docs, TRAIN_STREAM, list(range(cfg.min_hops, cfg.max_hops + 1)),
                          cfg.resolved_label_loops)

@@ -107,6 +107,20 @@ def _fan_out(cfg: LoopEvalConfig, model_dir: Path, jobs: list[tuple[Setting, lis
     n_points = sum(len(tasks) for _, tasks in jobs)
     points: list[EvalPoint] = []
     failures: list[dict[str, Any]] = []
+    try:
+        _collect(pending, n_points, points, failures, tracker, say)
+    except KeyboardInterrupt:
+        for ref in pending:  # the remaining settings' tasks stop with the job
+            ray.cancel(ref, force=True)
+        raise
+    return points, failures
+
+
+def _collect(pending: dict, n_points: int, points: list[EvalPoint], failures: list[dict[str, Any]],
+             tracker: Tracker, say: Callable[[str], None]) -> None:
+    """Wait for the loop settings' tasks in the order they finish; log and say each point."""
+    import ray
+
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         tasks, n, thr = pending.pop(ready[0])
@@ -123,7 +137,6 @@ def _fan_out(cfg: LoopEvalConfig, model_dir: Path, jobs: list[tuple[Setting, lis
             points.append(p)
             tracker.log_metrics(point_metrics(p), step=p.n_loops)
             say(f"[{len(points) + len(failures):>3}/{n_points}] {describe_point(p)}")
-    return points, failures
 
 
 def _announce(cfg: LoopEvalConfig, model_dir: Path, leaves: Sequence[str], jobs: list, say) -> None:
@@ -163,7 +176,11 @@ def run_loop_eval(cfg: LoopEvalConfig, progress: Callable[[str], None] | None = 
     jobs = plan_settings(cfg, resolved.leaves)
     tracker = _start_tracker(cfg, stamp, resolved.leaves, model_dir)
     _announce(cfg, model_dir, resolved.leaves, jobs, say)
-    points, failures = _fan_out(cfg, model_dir, jobs, set(resolved.stock), tracker, say)
+    try:
+        points, failures = _fan_out(cfg, model_dir, jobs, set(resolved.stock), tracker, say)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")  # the points logged so far stay in the run
+        raise
     md, csv_text, plot_path = _write_results(cfg, out_dir, model_dir, resolved.leaves, points, failures)
     for name in RESULT_FILES:
         if (out_dir / name).exists():

@@ -1,16 +1,20 @@
-"""The Ray Serve application: an OpenAI-style completions API in front of `Engine` + `Batcher`.
+"""The Ray Serve application: an OpenAI-style API in front of `Engine` + `Batcher`.
 
 Routes (under http.route_prefix):
-    POST /v1/completions   prompt, max_tokens, temperature, top_p, stop, stream, seed, ...
-                           + n_loops, exit_threshold, top_k, ignore_eos (extensions); SSE when stream=true
-    GET  /v1/models        the served model id
-    GET  /health           200 {"status": "ok"} while the replica can serve (the same check as
-                           Serve's `check_health`)
+    POST /v1/completions        prompt (text or token ids), max_tokens, temperature, top_p, stop, stream,
+                                seed, echo, logprobs, ... + n_loops, exit_threshold, top_k, ignore_eos
+                                (extensions); SSE when stream=true
+    POST /v1/chat/completions   messages (rendered by the model's chat template), the same sampling fields
+                                and extensions, logprobs/top_logprobs; SSE `delta` chunks when stream=true
+    GET  /v1/models             the served model id
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize    vLLM's tokenizer routes (tokenizer_api.py)
+    GET  /health                200 {"status": "ok"} while the replica can serve (the same check as
+                                Serve's `check_health`)
 
-Every bad request gets a 4xx `{"error": {"message", "type", "param", "code"}}` naming the field,
-and the replica keeps serving. With `http.api_key_env` naming a set environment variable (read
-where the application is built), requests need `Authorization: Bearer <key>`; the replicas only
-receive the key's SHA-256.
+Every bad request gets a 4xx `{"error": {"message", "type", "param", "code"}}` naming the field
+(415 for a body that is not JSON), and the replica keeps serving. With `http.api_key_env` naming a
+set environment variable (read where the application is built), requests need
+`Authorization: Bearer <key>`; the replicas only receive the key's SHA-256.
 
     app = build_app(cfg)            # cfg: ServeConfig
     serve.run(app, name=cfg.deployment.app_name, route_prefix=cfg.http.route_prefix)
@@ -34,10 +38,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .admission import Admission, Plan
+from .chat_template import ChatTemplate
 from .config import ServeConfig
 from .engine import Batcher, Delta, Engine, Failed, Finished, Job, events
-from .schemas import (APIError, CompletionRequest, choice, chunk, completion, error_body, mythos_info, new_id,
-                      parse_request, usage)
+from .formats import ChatFormat, CompletionFormat
+from .schemas import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                      error_body, mythos_info, parse_request, usage)
+from .tokenizer_api import detokenize, eos_text, tokenize, tokenizer_info
 
 log = logging.getLogger("mythos")
 
@@ -71,6 +79,19 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+JSON_TYPES = ("application/json",)
+
+
+def _check_json_body(request: Request, raw: bytes, max_bytes: int) -> None:
+    """415 for a body declared as something other than JSON (no Content-Type: read as JSON); 413 when too large."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype not in JSON_TYPES and not ctype.endswith("+json"):
+        raise APIError(415, f"Content-Type {ctype!r} is not supported; send the body as JSON with "
+                       "'Content-Type: application/json'", code="unsupported_media_type")
+    if len(raw) > max_bytes:
+        raise APIError(413, f"request body has {len(raw)} bytes, more than {max_bytes}", code="body_too_large")
+
+
 class _Generation:
     """A request's jobs as they generate: `async with _Generation(jobs, queue) as gen: async for i, ev in gen:`
     gives `events` and counts the tokens and loop iterations of the finished rows. On leaving the block
@@ -78,7 +99,7 @@ class _Generation:
 
     def __init__(self, jobs: list[Job], queue: asyncio.Queue) -> None:
         self.jobs, self.queue = jobs, queue
-        self.tokens, self.loops = 0, 0.0
+        self.tokens, self.steps, self.loops = 0, 0, 0.0
 
     async def __aenter__(self) -> "_Generation":
         return self
@@ -90,19 +111,21 @@ class _Generation:
     async def __aiter__(self) -> AsyncIterator[tuple[int, Delta | Finished | Failed]]:
         async for i, ev in events(self.queue, len(self.jobs)):
             if isinstance(ev, Finished):
+                steps = max(ev.completion_tokens, 1)  # a job of 0 tokens (echo only) ran the prefill
                 self.tokens += ev.completion_tokens
-                self.loops += ev.loops_used * ev.completion_tokens
+                self.steps += steps
+                self.loops += ev.loops_used * steps
             yield i, ev
 
     def mythos(self, n_loops: int, exit_threshold: float | None) -> dict[str, Any]:
-        """The response's `mythos` field: loop iterations per generated token over the finished rows."""
-        return mythos_info(n_loops, self.loops / max(self.tokens, 1), exit_threshold)
+        """The response's `mythos` field: loop iterations per step over the finished rows."""
+        return mythos_info(n_loops, self.loops / max(self.steps, 1), exit_threshold)
 
 
 @serve.deployment
 @serve.ingress(api)
 class MythosServer:
-    """One replica: the model, its tokenizer and a batcher."""
+    """One replica: the model, its tokenizer, its chat template and a batcher."""
 
     def __init__(self, config: dict, api_key_sha256: Optional[str] = None) -> None:
         from mythos_platform.registry import resolve_model
@@ -111,12 +134,16 @@ class MythosServer:
         logging.getLogger("mythos").setLevel(cfg.log_level)
         folder = resolve_model(cfg.model.source, tracking_uri=cfg.model.tracking_uri)
         self.engine = Engine.load(folder, cfg.model.model_id(), cfg.model.device, cfg.model.torch_threads)
+        eos_token = eos_text(folder)
+        self.admit = Admission(cfg, self.engine, ChatTemplate.load(folder, eos_token))
+        self.tokenizer_info = tokenizer_info(self.admit, eos_token)
         b = cfg.batching
         self.batcher = Batcher(self.engine, b.max_batch_size, b.max_wait_ms / 1000, b.enabled)
         self.key_hash = api_key_sha256
         self.created = int(time.time())
-        log.info("serving %s from %s (n_loops default %d, max_seq_len %d, batching %s)", self.engine.model_id,
-                 folder, self.engine.cfg.n_loops, self.engine.cfg.max_seq_len, b)
+        log.info("serving %s from %s (n_loops default %d, max_seq_len %d, chat template %s, batching %s)",
+                 self.engine.model_id, folder, self.engine.cfg.n_loops, self.engine.cfg.max_seq_len,
+                 self.admit.template.origin, b)
 
     # --- health ---------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -136,7 +163,7 @@ class MythosServer:
                                                             "busy_s": round(e.busy_s, 4),
                                                             "recent_batches": self.batcher.batch_sizes[-16:]}}
 
-    # --- auth -------------------------------------------------------------------------------
+    # --- auth and body ----------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
         if not self.key_hash:
             return
@@ -146,6 +173,13 @@ class MythosServer:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         if not hmac.compare_digest(_key_hash(token.strip()), self.key_hash):
             raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    async def _parse(self, request: Request, cls: type) -> Any:
+        """The authorised request's JSON body as `cls` (4xx naming the field otherwise)."""
+        self._auth(request)
+        raw = await request.body()
+        _check_json_body(request, raw, self.cfg.limits.max_body_bytes)
+        return parse_request(raw, cls)
 
     # --- routes -----------------------------------------------------------------------------
     @api.get("/v1/models")
@@ -160,119 +194,91 @@ class MythosServer:
         return self._model_card()
 
     def _model_card(self) -> dict[str, Any]:
-        c = self.engine.cfg
+        c, lim = self.engine.cfg, self.cfg.limits
         return {"id": self.engine.model_id, "object": "model", "created": self.created, "owned_by": "mythos",
-                "mythos": {"n_loops": self.cfg.defaults.n_loops or c.n_loops, "max_loops": self.cfg.limits.max_loops,
-                           "max_seq_len": c.max_seq_len, "max_prompt_tokens": self._max_prompt_tokens(),
-                           "max_tokens": self.cfg.limits.max_tokens}}
+                "mythos": {"n_loops": self.cfg.defaults.n_loops or c.n_loops, "max_loops": lim.max_loops,
+                           "max_seq_len": c.max_seq_len, "max_prompt_tokens": self.admit.max_prompt_tokens(),
+                           "max_tokens": lim.max_tokens, "max_logprobs": lim.max_logprobs,
+                           "chat_template": self.admit.template.origin}}
 
-    def _check_model(self, model_id: str) -> None:
-        if model_id != self.engine.model_id:
-            raise APIError(404, f"model {model_id!r} does not exist; this server serves {self.engine.model_id!r}",
+    def _check_model(self, model_id: str | None) -> None:
+        if model_id is not None and model_id != self.engine.model_id:
+            raise APIError(404, f"model: {model_id!r} does not exist; this server serves {self.engine.model_id!r}",
                            param="model", code="model_not_found")
 
-    def _max_prompt_tokens(self) -> int:
-        return min(self.cfg.limits.max_prompt_tokens, self.engine.cfg.max_seq_len - 1)
+    @api.get("/tokenizer_info")
+    def get_tokenizer_info(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        return self.tokenizer_info
+
+    @api.post("/tokenize")
+    async def post_tokenize(self, request: Request) -> dict[str, Any]:
+        req = await self._parse(request, TokenizeRequest)
+        self._check_model(req.model)
+        return tokenize(self.admit, req)
+
+    @api.post("/detokenize")
+    async def post_detokenize(self, request: Request) -> dict[str, Any]:
+        req = await self._parse(request, DetokenizeRequest)
+        self._check_model(req.model)
+        return detokenize(self.admit, req)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        self._auth(request)
-        raw = await request.body()
-        if len(raw) > self.cfg.limits.max_body_bytes:
-            raise APIError(413, f"request body has {len(raw)} bytes, more than {self.cfg.limits.max_body_bytes}",
-                           code="body_too_large")
-        req = parse_request(raw)
-        jobs, n_loops, exit_threshold, prompt_tokens = self._jobs(req)
-        rid = new_id()
-        queue = await self.batcher.submit(jobs)
+        req = await self._parse(request, CompletionRequest)
+        self._check_model(req.model)
+        plan = self.admit.completion(req)
+        fmt = CompletionFormat(self.engine.model_id, self.engine.tokenizer, req.logprobs is not None, plan.echo,
+                               len(plan.jobs))
+        return await self._respond(req, plan, fmt)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        req = await self._parse(request, ChatCompletionRequest)
+        self._check_model(req.model)
+        plan = self.admit.chat(req)
+        return await self._respond(req, plan, ChatFormat(self.engine.model_id, self.engine.tokenizer, req.logprobs))
+
+    # --- running a plan -----------------------------------------------------------------------
+    async def _respond(self, req: Any, plan: Plan, fmt: CompletionFormat):
+        queue = await self.batcher.submit(plan.jobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(rid, jobs, queue, n_loops, exit_threshold, prompt_tokens,
-                                                  include_usage), media_type="text/event-stream",
+            return StreamingResponse(self._stream(plan, queue, fmt, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        texts = [""] * len(jobs)
-        reasons = ["length"] * len(jobs)
-        async with _Generation(jobs, queue) as gen:
+        n = len(plan.jobs)
+        texts, reasons, entries = [""] * n, ["length"] * n, [[] for _ in range(n)]
+        async with _Generation(plan.jobs, queue) as gen:
             async for i, ev in gen:
                 if isinstance(ev, Failed):
                     raise APIError(500, f"generation failed: {type(ev.error).__name__}: {ev.error}",
                                    code="generation_failed", type="server_error")
                 texts[i] += ev.text
+                entries[i] += ev.logprobs
                 if isinstance(ev, Finished):
                     reasons[i] = ev.reason
-        body = completion(rid, self.engine.model_id, [choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))],
-                          usage(prompt_tokens, gen.tokens), gen.mythos(n_loops, exit_threshold))
-        return JSONResponse(body)
+        return JSONResponse(fmt.body(texts, reasons, entries, usage(plan.prompt_tokens, gen.tokens),
+                                     gen.mythos(plan.n_loops, plan.exit_threshold)))
 
-    async def _stream(self, rid: str, jobs: list[Job], queue: asyncio.Queue, n_loops: int,
-                      exit_threshold: float | None, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-        model = self.engine.model_id
-        async with _Generation(jobs, queue) as gen:
+    async def _stream(self, plan: Plan, queue: asyncio.Queue, fmt: CompletionFormat,
+                      include_usage: bool) -> AsyncIterator[str]:
+        for first in fmt.begin():
+            yield _sse(first)
+        async with _Generation(plan.jobs, queue) as gen:
             async for i, ev in gen:
                 if isinstance(ev, Delta):
-                    yield _sse(chunk(rid, model, [choice(i, ev.text, None)]))
+                    yield _sse(fmt.piece(i, ev.text, ev.logprobs, None))
                 elif isinstance(ev, Finished):
-                    yield _sse(chunk(rid, model, [choice(i, ev.text, ev.reason)],
-                                     mythos=mythos_info(n_loops, ev.loops_used, exit_threshold)))
+                    yield _sse({**fmt.piece(i, ev.text, ev.logprobs, ev.reason),
+                                "mythos": mythos_info(plan.n_loops, ev.loops_used, plan.exit_threshold)})
                 elif isinstance(ev, Failed):
                     yield _sse(error_body(f"generation failed: {type(ev.error).__name__}: {ev.error}",
                                           type="server_error", code="generation_failed"))
                     break
             if include_usage:
-                yield _sse(chunk(rid, model, [], usage=usage(prompt_tokens, gen.tokens),
-                                 mythos=gen.mythos(n_loops, exit_threshold)))
+                yield _sse(fmt.chunk([], usage=usage(plan.prompt_tokens, gen.tokens),
+                                     mythos=gen.mythos(plan.n_loops, plan.exit_threshold)))
             yield "data: [DONE]\n\n"
-
-    # --- request -> jobs -------------------------------------------------------------------
-    def _jobs(self, req: CompletionRequest) -> tuple[list[Job], int, float | None, int]:
-        """Check the request against the limits; one Job per prompt. APIError(400) names the field."""
-        lim, cfg = self.cfg.limits, self.engine.cfg
-        self._check_model(req.model)
-        if req.echo:
-            raise APIError(400, "echo: only false is supported", "echo", "unsupported_value")
-        prompts = req.prompts()
-        if not prompts:
-            raise APIError(400, "prompt: the list is empty", "prompt", "empty")
-        if len(prompts) > lim.max_prompts:
-            raise APIError(400, f"prompt: {len(prompts)} prompts, more than the limit {lim.max_prompts}", "prompt",
-                           "too_many")
-        max_tokens = lim.default_max_tokens if req.max_tokens is None else req.max_tokens
-        if max_tokens > lim.max_tokens:
-            raise APIError(400, f"max_tokens: {max_tokens} is more than the limit {lim.max_tokens}", "max_tokens",
-                           "out_of_range")
-        n_loops = req.n_loops or self.cfg.defaults.n_loops or cfg.n_loops
-        if n_loops > lim.max_loops:
-            raise APIError(400, f"n_loops: {n_loops} is more than the limit {lim.max_loops}", "n_loops",
-                           "out_of_range")
-        exit_threshold = req.exit_threshold if req.exit_threshold is not None else self.cfg.defaults.exit_threshold
-        stops = req.stops()
-        if len(stops) > lim.max_stop:
-            raise APIError(400, f"stop: {len(stops)} stop strings, more than the limit {lim.max_stop}", "stop",
-                           "too_many")
-        if any(not s for s in stops):
-            raise APIError(400, "stop: stop strings must not be empty", "stop", "empty")
-        eos = self.engine.tokenizer.eos_id
-        prefix = [eos] if self.cfg.model.prefix_token and eos is not None else []
-        ids = []
-        max_prompt = self._max_prompt_tokens()
-        for k, text in enumerate(prompts):
-            where = "prompt" if isinstance(req.prompt, str) else f"prompt[{k}]"
-            own = self.engine.tokenizer.encode(text)
-            if not own:
-                raise APIError(400, f"{where}: is empty; need at least one token", "prompt", "empty")
-            p = prefix + own
-            ids.append(p)
-            if len(p) > max_prompt:
-                raise APIError(400, f"{where}: {len(p)} tokens, more than the limit {max_prompt}", "prompt",
-                               "too_long")
-            if len(p) + max_tokens > cfg.max_seq_len:
-                raise APIError(400, f"max_tokens: {where} ({len(p)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                               f"model's max_seq_len={cfg.max_seq_len}; ask for at most {cfg.max_seq_len - len(p)}",
-                               "max_tokens", "out_of_range")
-        jobs = [Job(p, max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                    n_loops=n_loops, exit_threshold=exit_threshold, stop=stops, ignore_eos=req.ignore_eos,
-                    stream=req.stream) for p in ids]
-        return jobs, n_loops, exit_threshold, sum(len(p) - len(prefix) for p in ids)
 
 
 # ---------------------------------------------------------------------------------------

@@ -77,11 +77,13 @@ class LimitsConfig(Section):
     """Prompts per request (prompt given as a list)."""
     max_stop: int = 4
     """Stop strings per request."""
+    max_logprobs: int = 20
+    """Upper bound of `logprobs` (completions) and `top_logprobs` (chat): most likely tokens per position."""
     max_body_bytes: int = 1 << 20
 
     def check(self) -> None:
         for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_loops", "max_prompts",
-                     "max_stop", "max_body_bytes"):
+                     "max_stop", "max_logprobs", "max_body_bytes"):
             self.need(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         self.need(self.default_max_tokens <= self.max_tokens, "default_max_tokens",
                   f"must be <= max_tokens={self.max_tokens}", self.default_max_tokens)

@@ -91,7 +91,7 @@ def resolve_served_model(cfg: ServeConfig) -> ServeConfig:
 
 
 def example_request(url: str, model_id: str, key_env: str | None) -> str:
-    """A curl command and the openai client call that query the served model."""
+    """A curl command and the openai client calls (completion, chat) that query the served model."""
     auth = f' -H "Authorization: Bearer ${key_env}"' if key_env and os.environ.get(key_env) else ""
     key = f'os.environ["{key_env}"]' if auth else '"none"'
     return (
@@ -101,5 +101,7 @@ def example_request(url: str, model_id: str, key_env: str | None) -> str:
         f"  from openai import OpenAI\n"
         f"  client = OpenAI(base_url=\"{url}/v1\", api_key={key})\n"
         f"  client.completions.create(model=\"{model_id}\", prompt=\"Q: \", max_tokens=32, "
-        f"extra_body={{\"n_loops\": 8}})"
+        f"extra_body={{\"n_loops\": 8}})\n"
+        f"  client.chat.completions.create(model=\"{model_id}\", messages=[{{\"role\": \"user\", "
+        f"\"content\": \"Hi\"}}], max_tokens=32, extra_body={{\"n_loops\": 8}})"
     )

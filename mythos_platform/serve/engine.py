@@ -20,6 +20,11 @@ temperature, top_p, top_k); a seeded sampling request runs alone, so its output 
 its seed. Greedy outputs do not depend on batch neighbours (left padding is masked); with the
 adaptive exit, a group stops looping when all its rows have converged (a batch-wide decision).
 
+Logprobs. A job with `logprobs` gets, with its events, each generated token's logprob and the k most
+likely tokens (`logprobs.TokenLogprob`, computed from the logits the token was chosen from); a job
+with `score_prompt_from` (echo) also gets the prompt's, from the prefill's logits at every prompt
+position, first. A job of `max_tokens=0` only scores its prompt: it finishes after the prefill.
+
 Stop strings are matched on the decoded text (byte-level tokens: a stop string may span tokens);
 text that could still be the start of a stop string, or an incomplete UTF-8 character, is held
 back until the next token decides (`mythos.stop.StopTracker`, shared with `generate` and the
@@ -44,6 +49,8 @@ from mythos.generation import SamplingParams, stream
 from mythos.stop import StopTracker
 from mythos.tokenizer import load_tokenizer_from_folder
 
+from .logprobs import TokenLogprob, prompt_logprobs, step_logprobs
+
 log = logging.getLogger("mythos")
 
 
@@ -53,6 +60,9 @@ log = logging.getLogger("mythos")
 @dataclass
 class Delta:
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Entries of the tokens generated since the last event (with logprobs); the echoed prompt's come
+    first in the job's first event."""
 
 
 @dataclass
@@ -61,9 +71,11 @@ class Finished:
     """'stop' (EOS or a stop string) or 'length' (max_tokens)."""
     completion_tokens: int
     loops_used: float
-    """Mean loop iterations run per step (prefill included)."""
+    """Mean loop iterations run per step (prefill included; the prefill's for a job of 0 tokens)."""
     text: str = ""
     """The last piece of text (held back until the end)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Entries not sent yet (all of them for a job that does not stream)."""
 
 
 @dataclass
@@ -87,6 +99,11 @@ class Job:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     """Keep generating past EOS until max_tokens (benchmarks)."""
+    logprobs: int | None = None
+    """Report each generated token's logprob and the `logprobs` most likely tokens (None: none)."""
+    score_prompt_from: int | None = None
+    """Echo with logprobs: report the prompt tokens' logprobs from this index on (the tokens before it
+    were put there by the server); None: the prompt is not scored."""
     stream: bool = True
     """Send text as it is generated (Delta events); false: all text with Finished, fewer thread hops."""
     cancelled: bool = False
@@ -167,7 +184,7 @@ class Engine:
             cur: list[Job] = []
             for j in members:
                 P = max([len(x.prompt_ids) for x in cur] + [len(j.prompt_ids)])
-                M = max([x.max_tokens for x in cur] + [j.max_tokens])
+                M = max([x.max_tokens for x in cur] + [j.max_tokens, 1])
                 if cur and (P + M > L or len(cur) >= max_batch_size):
                     out.append(cur)
                     cur = []
@@ -188,10 +205,10 @@ class Engine:
                     j.emit(Failed(exc))
             self.busy_s += time.perf_counter() - t0
 
-    def _run_group(self, jobs: list[Job]) -> None:
+    def _params(self, jobs: list[Job]) -> SamplingParams:
         j0 = jobs[0]
-        params = SamplingParams(
-            max_new_tokens=max(j.max_tokens for j in jobs),
+        return SamplingParams(
+            max_new_tokens=max(1, max(j.max_tokens for j in jobs)),
             temperature=j0.temperature,
             top_k=j0.top_k if j0.temperature > 0 else 0,
             top_p=j0.top_p if j0.temperature > 0 else 1.0,
@@ -200,45 +217,77 @@ class Engine:
             n_loops=j0.n_loops,
             exit_threshold=j0.exit_threshold,
         )
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        params = self._params(jobs)
         self.batches_run += 1
         self.rows_run += len(jobs)
-        trackers = [StopTracker(self.tokenizer.decode, j.stop, params.stop_tokens) for j in jobs]
-        held = [""] * len(jobs)  # text of non-streaming jobs, sent with Finished
-        n_gen = [0] * len(jobs)
-        loops = [0] * len(jobs)
+        rows = [_Row(j, StopTracker(self.tokenizer.decode, j.stop, params.stop_tokens)) for j in jobs]
+        top_k = max((j.logprobs for j in jobs if j.logprobs is not None), default=None)
+        score = any(j.score_prompt_from is not None for j in jobs)
         active = set(range(len(jobs)))
-        steps = stream(self.model, [j.prompt_ids for j in jobs], params, self.pad_id)
+        steps = stream(self.model, [j.prompt_ids for j in jobs], params, self.pad_id, prompt_logits=score)
         try:
             for step in steps:
+                if step.prompt_logits is not None:
+                    for row, logits in zip(rows, step.prompt_logits):
+                        row.score_prompt(logits)
                 toks = step.tokens.tolist()
+                entries = step_logprobs(step.logits, toks, top_k) if top_k is not None else [None] * len(toks)
                 for i in sorted(active):
-                    job = jobs[i]
-                    if job.cancelled:
+                    if rows[i].job.cancelled or rows[i].add(toks[i], step.loops_used, entries[i]):
                         active.discard(i)
-                        continue
-                    n_gen[i] += 1
-                    loops[i] += step.loops_used
-                    text, stopped = trackers[i].add(toks[i])  # EOS (unless ignore_eos) or a stop string
-                    if stopped:
-                        self._finish(job, "stop", held[i] + text, n_gen[i], loops[i])
-                        active.discard(i)
-                    elif n_gen[i] >= job.max_tokens:
-                        self._finish(job, "length", held[i] + text + trackers[i].flush(), n_gen[i], loops[i])
-                        active.discard(i)
-                    elif text and job.stream:
-                        job.emit(Delta(text))
-                    else:
-                        held[i] += text
                 if not active:
                     break
         finally:
             steps.close()
         for i in sorted(active):  # the stream ended early (cache full): report what there is
-            self._finish(jobs[i], "length", held[i] + trackers[i].flush(), n_gen[i], loops[i])
+            rows[i].finish("length", rows[i].tracker.flush())
 
-    @staticmethod
-    def _finish(job: Job, reason: str, text: str, n: int, loops: int) -> None:
-        job.emit(Finished(reason, n, loops / max(n, 1), text))
+
+class _Row:
+    """One job's state while its group generates: text held back, tokens and loops counted, logprobs."""
+
+    def __init__(self, job: Job, tracker: StopTracker) -> None:
+        self.job, self.tracker = job, tracker
+        self.held = ""
+        """Text not sent yet (a job that does not stream gets all of it with Finished)."""
+        self.entries: list[TokenLogprob] = []
+        self.n = 0
+        self.loops = 0
+
+    def score_prompt(self, logits: torch.Tensor) -> None:
+        """logits (P, V) of this row's left-padded prompt at the prefill."""
+        job = self.job
+        if job.score_prompt_from is not None:
+            self.entries += prompt_logprobs(logits, job.prompt_ids, job.score_prompt_from, job.logprobs or 0)
+
+    def add(self, token: int, loops_used: int, entry: TokenLogprob | None) -> bool:
+        """Take the step's token; True once the job has finished (Finished sent)."""
+        job = self.job
+        self.loops += loops_used
+        if job.max_tokens == 0:  # echo only: the prompt was scored by the prefill
+            self.finish("length", "")
+            return True
+        self.n += 1
+        if entry is not None and job.logprobs is not None:  # the group's top-k, cut to the job's own k
+            self.entries.append(TokenLogprob(entry.token, entry.logprob, entry.top[:job.logprobs]))
+        text, stopped = self.tracker.add(token)  # EOS (unless ignore_eos) or a stop string
+        if stopped:
+            self.finish("stop", text)
+            return True
+        if self.n >= job.max_tokens:
+            self.finish("length", text + self.tracker.flush())
+            return True
+        if job.stream and (text or self.entries):
+            job.emit(Delta(self.held + text, self.entries))
+            self.held, self.entries = "", []
+        else:
+            self.held += text
+        return False
+
+    def finish(self, reason: str, text: str) -> None:
+        self.job.emit(Finished(reason, self.n, self.loops / max(self.n, 1), self.held + text, self.entries))
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from ..config import PretrainConfig
 from ..data.pipeline import build_datasets
+from ..data.sharding import data_config
 from ..ray_env import init_ray
 from ..tracking import Tracker, git_tags
 from .loop import NonFiniteLossError
@@ -28,6 +31,8 @@ from .worker import stopped_file, train_loop_per_worker
 log = logging.getLogger("mythos.train")
 
 RUN_NAME_TAG = "mythos.run_name"
+FINISHED_FILE = "pretrain_finished.json"
+"""Written into the export folder when a run has finished: its config, last checkpoint and metrics."""
 
 
 @dataclass
@@ -61,6 +66,11 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
     run_root.mkdir(parents=True, exist_ok=True)
     storage = cfg.checkpoint.resolved_storage_path(str(run_root))  # a path or a URI (s3://, gs://)
     export_dir = Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
+    done = None if callbacks else finished_earlier(cfg, name, run_root, export_dir)
+    if done is not None:
+        print(f"[mythos] training run '{name}' finished earlier with this config: using its export {export_dir}",
+              flush=True)
+        return done
     init_ray()
     if datasets is None:
         train_ds, val_ds = build_datasets(cfg.data, cfg.data.build_tokenizer())
@@ -78,8 +88,13 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
           f"{cfg.train.parallelism}){' — resuming' if resumed else ''}; checkpoints in {storage}/{name}", flush=True)
     stopped = stopped_file(export_dir)
     stopped.unlink(missing_ok=True)
+    (export_dir / FINISHED_FILE).unlink(missing_ok=True)  # this launch trains: the earlier result is not it
     try:
-        result = trainer.fit()
+        result = fit(trainer)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise KeyboardInterrupt(f"training run '{name}' stopped; its checkpoints stay in {storage}/{name}: "
+                                "the same command resumes from the last one") from None
     except Exception:
         tracker.end("FAILED")
         raise
@@ -87,9 +102,64 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
         tracker.end("FAILED")
         raise NonFiniteLossError(f"training run '{name}' stopped: {json.loads(stopped.read_text())['error']}")
     _finish_mlflow_run(tracker, export_dir)
-    return PretrainResult(name, run_root, dict(result.metrics or {}),
-                          result.checkpoint.path if result.checkpoint else None, export_dir, tracker.run_id,
+    res = PretrainResult(name, run_root, dict(result.metrics or {}),
+                         result.checkpoint.path if result.checkpoint else None, export_dir, tracker.run_id,
+                         tracker.uri)
+    if export_dir.is_dir():
+        (export_dir / FINISHED_FILE).write_text(json.dumps({"config": cfg.to_dict(), "checkpoint": res.checkpoint_path,
+                                                             "metrics": res.metrics}, default=str))
+    return res
+
+
+def finished_earlier(cfg: PretrainConfig, name: str, run_root: Path, export_dir: Path) -> PretrainResult | None:
+    """The result of an earlier launch of this very config that finished: its export holds the
+    config it was trained with (FINISHED_FILE) and its MLflow run is FINISHED. A relaunch (the
+    pipeline run again after a Ctrl-C in a later stage) then needs no Ray Train run to find that
+    nothing is left to do; any change to the config trains (and resumes from checkpoints) as usual."""
+    path = export_dir / FINISHED_FILE
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("config") != json.loads(json.dumps(cfg.to_dict(), default=str)):
+        return None
+    tracker = Tracker(cfg.tracking, run_root)
+    run_id = tracker.find_run(f"tags.`{RUN_NAME_TAG}` = '{name}' and attributes.status = 'FINISHED'")
+    if run_id is None:
+        return None
+    return PretrainResult(name, run_root, done.get("metrics", {}), done.get("checkpoint"), export_dir, run_id,
                           tracker.uri)
+
+
+def fit(trainer: TorchTrainer):
+    """`trainer.fit()`, where one Ctrl-C (SIGINT) raises KeyboardInterrupt in the caller.
+
+    On the main thread, Ray Train installs its own SIGINT handler: the first Ctrl-C asks the run to
+    abort and the process then exits with code 1 and no message, and the handler stays installed
+    after the run, so that later in the job a Ctrl-C only prints Train's notice. Called on the main
+    thread, `fit` runs the trainer on a helper thread instead (where Train installs none) and waits
+    with Python's own handler; the workers go with the process (or with the job's cluster)."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.25)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _open_mlflow_run(tracker: Tracker, cfg: PretrainConfig, name: str, tags: dict[str, str] | None) -> bool:
@@ -129,6 +199,7 @@ def _torch_trainer(cfg: PretrainConfig, name: str, storage: str, loop_config: di
             callbacks=list(callbacks) if callbacks else None,
         ),
         datasets=datasets,
+        dataset_config=data_config(cfg.data.resolved_order),
     )
 
 
@@ -177,7 +248,20 @@ def run_pretrains(cfgs: list[PretrainConfig], driver_cpus: float = 0.05) -> list
     refs = [remote.remote(cfg) for cfg in cfgs]
     try:
         return ray.get(refs)
-    except BaseException:
+    except BaseException as exc:
         for ref in refs:
             ray.cancel(ref, force=True)
+        if isinstance(exc, KeyboardInterrupt):  # the runs' drivers died with their tasks: end their MLflow runs
+            for cfg in cfgs:
+                _end_run_of(cfg, "KILLED")
+            raise KeyboardInterrupt(f"training runs {', '.join(repr(_run_name(c)) for c in cfgs)} stopped; their "
+                                    "checkpoints are kept: the same command resumes from the last ones") from None
         raise
+
+
+def _end_run_of(cfg: PretrainConfig, status: str) -> None:
+    """Mark the MLflow run of `cfg`'s run name `status` if it is still RUNNING."""
+    tracker = Tracker(cfg.tracking, Path(cfg.run.root).resolve())
+    run_id = tracker.find_run(f"tags.`{RUN_NAME_TAG}` = '{_run_name(cfg)}' and attributes.status = 'RUNNING'")
+    if run_id is not None:
+        Tracker(cfg.tracking, Path(cfg.run.root).resolve(), run_id=run_id).end(status)

@@ -108,6 +108,9 @@ class Trainer:
                                active=self.rank == 0)
         self.fault = Fault.from_env(self.world)
         self.state = TrainState()
+        self.logged_through = 0
+        """The last step already in MLflow (a resumed run replays steps after its checkpoint: they are
+        trained again, with the same batches, but not logged twice)."""
         self.last_metrics: dict[str, float] = {}
         self._flops: dict[tuple[int, int], float] = {}
 
@@ -126,14 +129,14 @@ class Trainer:
             except NonFiniteLossError as exc:  # every rank agreed on it: end the run, not the worker
                 self.stop(exc)
                 return
-            if self.fault:
-                self.fault.maybe_kill(self.state.step, self.rank)
             self.window.add_step(result.loss, result.sample.n_loops, self.step_flops(result.sample), result.applied)
             due = self.due(self.state.step)
             if due.log or due.eval or due.checkpoint:
                 self.log(result, evaluate=due.eval)
             if due.checkpoint or (self.report_evals and due.eval):
                 self.report({**self.last_metrics, "step": self.state.step}, save=due.checkpoint)
+            if self.fault:
+                self.fault.maybe_kill(self.state.step, self.rank)
         self.export()
 
     def due(self, step: int) -> Due:
@@ -167,6 +170,8 @@ class Trainer:
             self.state = load_checkpoint(folder, self.model, self.opt, self.sched, self.rank)
         if self.rank == 0:
             s = self.state
+            self.logged_through = max((step for step, _ in self.tracker.metric_history("loss")), default=0)
+            self.tracker.log_metrics({"resumed_from_step": s.step}, step=s.step)
             for problem in skipped:
                 say(f"[mythos] skipped a damaged checkpoint: {problem}")
             if skipped:
@@ -263,9 +268,11 @@ class Trainer:
             metrics.update({f"state_norm/loop_{i + 1:02d}": v for i, v in enumerate(result.state_norms)})
         if evaluate:
             metrics.update(self.evaluate())
-        self.tracker.log_metrics(metrics, step=s.step)
+        replayed = s.step <= self.logged_through
+        if not replayed:
+            self.tracker.log_metrics(metrics, step=s.step)
         if self.rank == 0:
-            say(progress_line(s.step, self.tcfg.steps, metrics))
+            say(progress_line(s.step, self.tcfg.steps, metrics) + (" (replayed, logged before)" if replayed else ""))
         self.last_metrics = {**self.last_metrics, **metrics, "step": s.step}
         self.window = Window(self.device)
         return metrics
