@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -123,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C: what was stopped and how to go on, if the job says
-        print(f"\n[mythos] interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        # the exit still shuts the job's Ray down; another SIGINT meanwhile (a second press, or the
+        # terminal's Ctrl-C stopping the cluster's processes under it) ends the process at once, as 130
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        print(f"\n[mythos] interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr, flush=True)
         return 130
 
 

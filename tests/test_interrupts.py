@@ -132,6 +132,21 @@ def runs_by_status(root: Path) -> dict[str, str]:
     return {r.info.run_name: r.info.status for r in newest_last}  # of runs with one name, the newest
 
 
+def run_count(root: Path, name: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(exps, f"attributes.run_name = '{name}'"))
+
+
+def registry(root: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    return MlflowClient(uri, registry_uri=uri).search_model_versions("name='mythos-rdt'")
+
+
 def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_same_command_goes_on(tmp_path, free_port):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY.format(root=ROOT))
@@ -156,7 +171,10 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_same_command_goes_
     check(launch, "2/5 (sweep")
     assert re.search(r"resumed from checkpoint at step (\d+)", launch.output) or "resuming" in launch.output
     assert runs_by_status(root)["pipeline-pretrain"] == "FINISHED"
+    assert run_count(root, "pipeline-pretrain") == 1  # the same MLflow run, continued
     assert "sweep 'tiny-sweep' was interrupted with 1 of 1 trials unfinished; nothing was registered" in launch.output
+    assert runs_by_status(root)["tiny-sweep"] == "KILLED"  # the sweep's parent run
+    assert [int(v.version) for v in registry(root)] == [1]  # the pretrained model only: the sweep promoted nothing
 
     # 3. the evaluation: the finished pretraining is not run again; the sweep's trial resumes and ends
     launch = ctrl_c(config, root, port, r"evaluating .* on \d+ task", after_s=1)
@@ -173,4 +191,5 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_same_command_goes_
     assert launch.rc == 0, launch.output[-4000:]
     assert "[mythos pipeline] endpoint stopped." in launch.output and launch.left == []
     assert "n_loops=2" in launch.output  # the served answers were printed before the wait
+    assert len(registry(root)) == 2  # the resumed sweep finished and its best trial was registered
     assert runs_by_status(root)["pipeline-eval"] == "FINISHED"

@@ -1,6 +1,5 @@
 """Ray Tune sweeps: search-space validation, a 4-trial ASHA sweep, MLflow runs, the registered winner, clean-up."""
 
-import os
 import subprocess
 import sys
 import time
@@ -196,43 +195,3 @@ def test_rerunning_a_finished_sweep_resumes_it_without_new_trials(sweep):
     assert [(r["trial_id"], r["status"]) for r in again.trials] == [(r["trial_id"], r["status"]) for r in res.trials]
     assert again.registration.version == res.registration.version and not again.registration.alias_moved
     assert again.timings["trials"] < 60
-
-
-@pytest.mark.ray
-def test_interrupted_sweep_promotes_nothing_and_says_how_to_resume(ray_cluster, tmp_path):
-    """Ctrl-C during a sweep: the sweep raises SweepInterrupted (exit 130 from `mythos sweep`), its
-    parent run is KILLED, no model is registered, and Tune's state is there to resume from."""
-    import signal
-    import threading
-
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
-    from mythos_platform.tune import run_sweep
-    from mythos_platform.tune.sweep import SweepInterrupted
-
-    cfg = sweep_cfg(tmp_path, name="t-int", space={"train.lr": [GOOD_LR, 2 * GOOD_LR]})
-    cfg = cfg.updated({"base.train.steps": 100_000, "asha.enabled": False})  # trials that cannot finish
-    trial_dirs = tmp_path / "tune" / "t-int"
-
-    def interrupt_once_trials_run() -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            # once a trial runs, and only into the sweep's handler (a SIGINT after the sweep would
-            # end the test session)
-            started = any(trial_dirs.glob("*/result.json"))
-            if started and getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "on_sigint":
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.5)
-
-    threading.Thread(target=interrupt_once_trials_run, daemon=True).start()
-    with pytest.raises(SweepInterrupted, match=r"'t-int' was interrupted with 2 of 2 trials unfinished; nothing "
-                                               r"was registered.*run the same command again"):
-        run_sweep(cfg)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db", registry_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    assert client.search_model_versions("name='mythos-rdt'") == []
-    parent = client.search_runs([client.get_experiment_by_name("test-sweep").experiment_id],
-                                "tags.`mythos.job` = 'sweep'")[0]
-    assert parent.info.status == "KILLED"
-    assert tune.Tuner.can_restore(str(trial_dirs))
