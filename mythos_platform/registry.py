@@ -45,8 +45,9 @@ def register_model(
     alias: str = DEFAULT_ALIAS,
     lower_is_better: bool = True,
 ) -> Registration:
-    """Register the run's exported model as a new version; move `alias` to it only if its
-    metric beats the version the alias points at now."""
+    """Register the run's exported model as a new version (or find the version this run already
+    has: a relaunched pipeline does not add versions); move `alias` to it only if its metric beats
+    the version the alias points at now."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -56,8 +57,9 @@ def register_model(
     except MlflowException:
         client.create_registered_model(name, description="Mythos Recurrent-Depth Transformers")
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={metric_name: str(metric), "metric_name": metric_name})
+    earlier = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = earlier[0] if earlier else client.create_model_version(
+        name, source=source, run_id=run_id, tags={metric_name: str(metric), "metric_name": metric_name})
     try:
         current = client.get_model_version_by_alias(name, alias)
         current_metric = float(current.tags.get(metric_name, "nan"))

@@ -32,6 +32,10 @@ def test_alias_moves_only_to_a_better_model(store, tmp_path):
     folder = resolve_model("models:/mythos-rdt@champion", tracking_uri=uri, dst=tmp_path / "dl")
     assert (folder / "model.safetensors").exists()
     assert MlflowClient(uri).get_model_version_by_alias("mythos-rdt", "champion").run_id == runs[2]
+    # registering a run again (a relaunched pipeline) finds its version instead of adding one
+    again = register_model(uri, runs[1], metric=2.5)
+    assert again.version == "2" and not again.alias_moved and again.champion_version == "3"
+    assert len(MlflowClient(uri).search_model_versions("name='mythos-rdt'")) == 3
 
 
 def test_bad_references_fail_clearly(store, tmp_path):

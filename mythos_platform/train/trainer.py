@@ -25,6 +25,7 @@ from ..data.pipeline import build_datasets
 from ..data.sharding import data_config
 from ..ray_env import init_ray
 from ..tracking import Tracker, git_tags
+from .checkpointing import resumable_checkpoint
 from .loop import NonFiniteLossError
 from .worker import stopped_file, train_loop_per_worker
 
@@ -102,13 +103,28 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
         tracker.end("FAILED")
         raise NonFiniteLossError(f"training run '{name}' stopped: {json.loads(stopped.read_text())['error']}")
     _finish_mlflow_run(tracker, export_dir)
-    res = PretrainResult(name, run_root, dict(result.metrics or {}),
-                         result.checkpoint.path if result.checkpoint else None, export_dir, tracker.run_id,
-                         tracker.uri)
+    metrics, checkpoint = _final(result, export_dir)
+    res = PretrainResult(name, run_root, metrics, checkpoint, export_dir, tracker.run_id, tracker.uri)
     if export_dir.is_dir():
         (export_dir / FINISHED_FILE).write_text(json.dumps({"config": cfg.to_dict(), "checkpoint": res.checkpoint_path,
                                                              "metrics": res.metrics}, default=str))
     return res
+
+
+def _final(result, export_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """The run's last metrics and newest checkpoint. Ray Train's Result names the latest checkpoint
+    in report order, which starts again at a relaunch, so after a resumed run it can name an older
+    checkpoint (and its metrics): here the newest whole checkpoint by step wins, and the metrics are
+    the ones rank 0 wrote at the end (training_summary.json)."""
+    metrics = dict(result.metrics or {})
+    summary = export_dir / "training_summary.json"
+    if summary.is_file():
+        metrics.update(json.loads(summary.read_text()))
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and Path(checkpoint).is_dir():  # local storage (a URI is taken as Ray names it)
+        newest, _ = resumable_checkpoint(checkpoint)
+        checkpoint = str(newest) if newest is not None else checkpoint
+    return metrics, checkpoint
 
 
 def finished_earlier(cfg: PretrainConfig, name: str, run_root: Path, export_dir: Path) -> PretrainResult | None:
