@@ -98,7 +98,9 @@ def test_chaos_worker_kills_reproduce_the_uninterrupted_run(ray_cluster, fault_f
     from the last checkpoint each time; the second time, that checkpoint (step 16) has a truncated
     shard, so the run falls back to the whole one before it (step 8) and says so. The fixed data order
     (data.order: fixed) replays the batches an undisturbed run trains on, so the run ends where the
-    plain run ended, step for step, and MLflow shows every step once."""
+    plain run ended, step for step, and MLflow shows every step once. A third kill comes after the
+    final checkpoint and before the export: the restart trains no step and still exports the model
+    and reports the run's last metrics (they travel in the checkpoint)."""
     import threading
 
     from mlflow.tracking import MlflowClient
@@ -107,6 +109,7 @@ def test_chaos_worker_kills_reproduce_the_uninterrupted_run(ray_cluster, fault_f
     steps = sorted(rng.sample(range(9, 24), 2))  # after the first checkpoint (step 8), before the end
     kills = [{"step": s, "rank": rng.randrange(2), "marker": str(tmp_path / f"killed-{s}")} for s in steps]
     assert any(s % 4 == 0 and s % 8 for s in steps)  # one kill replays a step that was already logged
+    kills.append({"step": 24, "rank": 0, "marker": str(tmp_path / "killed-24")})  # between checkpoint and export
     fault_file.write_text(json.dumps({"kills": kills, "wait_s": 3}))
     damaged: list[tuple[Path, int]] = []
 
@@ -124,16 +127,22 @@ def test_chaos_worker_kills_reproduce_the_uninterrupted_run(ray_cluster, fault_f
     watcher = threading.Thread(target=damage_the_newest_checkpoint_at_the_second_kill, daemon=True)
     watcher.start()
     try:
-        res = run_pretrain(small_cfg(tmp_path / "run", **{"run.max_failures": "2"}))
+        res = run_pretrain(small_cfg(tmp_path / "run", **{"run.max_failures": "3"}))
     finally:
         fault_file.unlink()
-    assert all(Path(k["marker"]).exists() for k in kills)  # both worker processes really died
+    assert all(Path(k["marker"]).exists() for k in kills)  # the worker processes really died
     state, plain = read_state(res.checkpoint_path), read_state(plain_run.checkpoint_path)
     assert (state["step"], state["tokens"], state["data_epoch"], state["data_batches"]) == \
            (plain["step"], plain["tokens"], plain["data_epoch"], plain["data_batches"]) == (24, 24 * 4 * 64 * 2, 0, 24)
     # resumed twice from step 8: after the first kill the step-16 checkpoint did not exist yet,
     # after the second it was damaged and skipped (named in the run's tag)
-    assert [v for _, v in history(res, "resumed_from_step")] == [8.0, 8.0]
+    assert [v for _, v in history(res, "resumed_from_step")] == [8.0, 8.0, 24.0]
+    # the relaunch after the final checkpoint trained nothing, yet reports and exports the run
+    # (from the summary the workers write: a relaunched job has no Ray Train result of the earlier fit)
+    summary = json.loads((Path(res.export_dir) / "training_summary.json").read_text())
+    assert summary["step"] == 24 and (Path(res.export_dir) / "model.safetensors").is_file()
+    for key in ("loss", "val_loss"):
+        assert summary[key] == pytest.approx(plain_run.metrics[key], rel=1e-5), key
     skipped = MlflowClient(res.tracking_uri).get_run(res.mlflow_run_id).data.tags["mythos.resume.skipped"]
     assert damaged and damaged[0][1] == 16  # the newest checkpoint at the second kill (later rotated out)
     assert skipped.startswith(f"{damaged[0][0]} is truncated (")

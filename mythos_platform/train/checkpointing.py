@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,9 @@ class TrainState:
     """Optimizer steps skipped for a non-finite loss or gradient since the last applied one."""
     skips_total: int = 0
     """Optimizer steps skipped for a non-finite loss or gradient in all."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The metrics last logged (rank 0's): a relaunch that restores the final checkpoint trains no
+    step, and still reports and exports the run's figures from these."""
 
 
 class CheckpointError(RuntimeError):

@@ -111,7 +111,6 @@ class Trainer:
         self.logged_through = 0
         """The last step already in MLflow (a resumed run replays steps after its checkpoint: they are
         trained again, with the same batches, but not logged twice)."""
-        self.last_metrics: dict[str, float] = {}
         self._flops: dict[tuple[int, int], float] = {}
 
     # --- the run -------------------------------------------------------------------------
@@ -134,7 +133,7 @@ class Trainer:
             if due.log or due.eval or due.checkpoint:
                 self.log(result, evaluate=due.eval)
             if due.checkpoint or (self.report_evals and due.eval):
-                self.report({**self.last_metrics, "step": self.state.step}, save=due.checkpoint)
+                self.report({**self.state.metrics, "step": self.state.step}, save=due.checkpoint)
             if self.fault:
                 self.fault.maybe_kill(self.state.step, self.rank)
         self.export()
@@ -273,7 +272,7 @@ class Trainer:
             self.tracker.log_metrics(metrics, step=s.step)
         if self.rank == 0:
             say(progress_line(s.step, self.tcfg.steps, metrics) + (" (replayed, logged before)" if replayed else ""))
-        self.last_metrics = {**self.last_metrics, **metrics, "step": s.step}
+        self.state.metrics = {**self.state.metrics, **metrics, "step": s.step}
         self.window = Window(self.device)
         return metrics
 
@@ -311,4 +310,4 @@ class Trainer:
         export_model(self.model, self.model_cfg, self.export_dir, self.rank, tokenizer,
                      metadata={"step": str(self.state.step)})
         if self.rank == 0:
-            Path(self.export_dir, "training_summary.json").write_text(json.dumps(self.last_metrics, indent=2))
+            Path(self.export_dir, "training_summary.json").write_text(json.dumps(self.state.metrics, indent=2))
