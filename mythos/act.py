@@ -46,7 +46,29 @@ class ACTState:
         self.steps = like.new_zeros(B, S, dtype=torch.float32)  # N: iterations run
         self.remainder = like.new_zeros(B, S, dtype=torch.float32)  # R (differentiable)
 
-    def step(self, h: torch.Tensor, last: bool) -> None:
+    def step(self, h: torch.Tensor, last: bool | torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Account for the state h (B, S, D) after one iteration. `last` may be a (B,) tensor (rows at
+        their own last iteration); with `rows`, h holds only those rows of the batch (the rows still
+        looping when their neighbours have stopped)."""
+        if rows is None and isinstance(last, bool):
+            self._step(h, last)
+            return
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        running, cum = pick(self.running), pick(self.cum)
+        last = torch.as_tensor(last, device=h.device).reshape(-1, 1)  # (B or 1, 1)
+        remaining = 1.0 - cum
+        p = self.act.halting_prob(h)
+        halt = running & (last | (cum + p >= self.act.threshold))
+        w = torch.where(halt, remaining, torch.where(running, p, torch.zeros_like(p)))
+        new = {"steps": pick(self.steps) + running.float(),
+               "remainder": torch.where(halt, remaining, pick(self.remainder)),
+               "cum": cum + w,
+               "output": pick(self.output) + w.unsqueeze(-1).to(h.dtype) * h,
+               "running": running & ~halt}
+        for name, value in new.items():
+            setattr(self, name, value if rows is None else getattr(self, name).index_copy(0, rows, value))
+
+    def _step(self, h: torch.Tensor, last: bool) -> None:
         """Account for the state h (B, S, D) after one iteration."""
         running = self.running
         remaining = 1.0 - self.cum

@@ -105,6 +105,35 @@ class KVCache:
             pos = (pos - self.pad[:, None]).clamp_min(0)
         return pos
 
+    # --- the model's cache protocol (see Mythos.forward; SlotBatch has the same) ------------
+    def prepare(self, S: int, n_loops: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """(start, positions (B, S), mask (B, 1, S, L) or None) for S new tokens; refuses loop
+        iterations that hold no keys and values for the earlier tokens."""
+        start = self.length
+        if start > 0 and not self.share_loops and n_loops > (self.n_loops or 0):
+            raise CacheError(
+                f"n_loops={n_loops} but the cache was filled with {self.n_loops} loops: the extra iterations "
+                "have no keys/values for earlier tokens. Decode with n_loops <= that, prefill again, or use "
+                "KVCache(share_loops=True)"
+            )
+        return start, self.positions(start, S, device), self.padding_mask(start, S, device)
+
+    def advance(self, S: int, n_loops: int) -> None:
+        """After the forward pass: S more positions, run with n_loops iterations."""
+        self.n_loops = n_loops if self.length == 0 else min(self.n_loops or n_loops, n_loops)
+        self.length += S
+
+    def padding_mask(self, start: int, S: int, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, S, L) bool mask for a left-padded batch; None when no row is padded."""
+        if self.key_valid is None:
+            return None
+        L = start + S
+        q = torch.arange(start, L, device=device)[:, None]
+        k = torch.arange(L, device=device)[None, :]
+        allowed = (k <= q)[None] & self.key_valid[:, None, :L]
+        # a pad query attends to itself, so no row is fully masked (which would give NaNs)
+        return (allowed | (k == q)[None])[:, None]
+
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.slots.values())
 

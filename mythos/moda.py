@@ -127,11 +127,17 @@ class DepthMemory:
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
 
-    def write(self, entries: list[Depth]) -> None:
+    def write(self, entries: list[Depth], rows: torch.Tensor | None = None, batch: int = 0) -> None:
+        """One entry per core layer; with `rows`, entries of those rows of a batch of `batch` (the
+        rows still looping: the others never read this entry)."""
         for j, (k, v) in enumerate(entries):
+            if rows is not None:
+                k = k.new_zeros((batch, *k.shape[1:])).index_copy(0, rows, k)
+                v = v.new_zeros((batch, *v.shape[1:])).index_copy(0, rows, v)
             self.keys[j].append(k)
             self.values[j].append(v)
 
-    def read(self, layer: int) -> Depth:
-        """Layer `layer`'s entries, oldest first: (B, S, T, Hkv, hd) keys and values."""
-        return torch.stack(self.keys[layer], dim=2), torch.stack(self.values[layer], dim=2)
+    def read(self, layer: int, rows: torch.Tensor | None = None) -> Depth:
+        """Layer `layer`'s entries, oldest first: (B, S, T, Hkv, hd) keys and values (of `rows` only)."""
+        k, v = torch.stack(self.keys[layer], dim=2), torch.stack(self.values[layer], dim=2)
+        return (k, v) if rows is None else (k[rows], v[rows])

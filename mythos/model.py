@@ -21,11 +21,12 @@ from torch import nn
 
 from .block import TransformerBlock
 from .config import MythosConfig
-from .kv_cache import CacheError, KVCache
+from .kv_cache import KVCache
 from .moe import MoE
 from .norm import RMSNorm
 from .recurrent import EXIT_ON, RecurrentBlock
 from .rope import rope_angles
+from .slot_cache import SlotBatch
 
 
 @dataclass
@@ -38,7 +39,8 @@ class MythosOutput:
     """MoE auxiliary balance loss (0 when disabled)."""
     ponder_cost: torch.Tensor | None = None
     """ACT ponder cost N + R averaged over positions (None with ACT off)."""
-    loops_used: int = 0
+    loops_used: int | torch.Tensor = 0
+    """Loop iterations run (a (B,) tensor, per row, when n_loops was given per row)."""
     state_norms: list[torch.Tensor] = field(default_factory=list)
     """Mean |h_t| after each loop iteration (with collect_stats)."""
     loop_logits: list[torch.Tensor] = field(default_factory=list)
@@ -96,38 +98,29 @@ class Mythos(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids: torch.Tensor, start: int, n_loops: int) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, n_loops: int | torch.Tensor,
+                      exit_threshold: float | torch.Tensor | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seq) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
-        seq = input_ids.shape[1]
-        if seq == 0:
+        if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: need at least one token")
-        if start + seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {start + seq} exceeds max_seq_len={self.cfg.max_seq_len}")
-        if not isinstance(n_loops, int) or n_loops < 1:
+        if isinstance(n_loops, torch.Tensor):
+            if n_loops.shape != input_ids.shape[:1] or n_loops.is_floating_point() or bool((n_loops < 1).any()):
+                raise ValueError(f"n_loops per row must be {input_ids.shape[0]} ints >= 1, got {n_loops.tolist()!r}")
+        elif not isinstance(n_loops, int) or n_loops < 1:
             raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
-
-    @staticmethod
-    def _padding_mask(cache: KVCache, start: int, S: int, device: torch.device) -> torch.Tensor | None:
-        """(B, 1, S, L) bool mask for a left-padded batch; None when no row is padded."""
-        if cache is None or cache.key_valid is None:
-            return None
-        L = start + S
-        q = torch.arange(start, L, device=device)[:, None]
-        k = torch.arange(L, device=device)[None, :]
-        allowed = (k <= q)[None] & cache.key_valid[:, None, :L]
-        # a pad query attends to itself, so no row is fully masked (which would give NaNs)
-        return (allowed | (k == q)[None])[:, None]
+        if isinstance(exit_threshold, torch.Tensor) and not isinstance(n_loops, torch.Tensor):
+            raise ValueError("an exit_threshold per row needs n_loops per row (a tensor)")
 
     def forward(
         self,
         input_ids: torch.Tensor,
         *,
-        n_loops: int | None = None,
+        n_loops: int | torch.Tensor | None = None,
         bptt_depth: int | None = None,
         targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        exit_threshold: float | None = None,
+        cache: KVCache | SlotBatch | None = None,
+        exit_threshold: float | torch.Tensor | None = None,
         last_logits_only: bool = False,
         collect_stats: bool = False,
         return_loop_logits: bool = False,
@@ -135,13 +128,18 @@ class Mythos(nn.Module):
     ) -> MythosOutput:
         """input_ids (B, S) -> MythosOutput.
 
-        n_loops: loop iterations (default cfg.n_loops; any count, also beyond training).
+        n_loops: loop iterations (default cfg.n_loops; any count, also beyond training), or, in
+            inference, a (B,) tensor of counts per row: a row takes no part in the iterations past
+            its own count, so its result is what it would be alone (iteration-level batching).
         bptt_depth: with autograd on, only the last bptt_depth iterations are differentiated
             (default cfg.bptt_depth in training mode, all iterations otherwise).
-        cache: a KVCache to read and extend (generation). Decoding with more loops than the
-            cache was prefilled with raises CacheError (unless the cache shares loops).
+        cache: a KVCache, or the rows of a SlotCache (`SlotCache.batch`), to read and extend
+            (generation). Decoding with more loops than the cache was prefilled with raises
+            CacheError (unless the cache shares loops).
         exit_threshold: inference only; stop looping once every position's relative state
-            change is below it (or every position has halted, with ACT).
+            change is below it (or every position has halted, with ACT). With loop counts per
+            row it may be a (B,) tensor (negative: that row never exits early), and each row exits on
+            its own.
         exit_on: "all" positions must converge, or only the "last" of each row (the one a
             one-token answer is read from; the others keep their state at the exit).
         """
@@ -149,19 +147,16 @@ class Mythos(nn.Module):
         n_loops = cfg.n_loops if n_loops is None else n_loops
         if bptt_depth is None and self.training:
             bptt_depth = cfg.bptt_depth
-        start = cache.length if cache is not None else 0
-        self._check_inputs(input_ids, start, n_loops)
+        per_row = isinstance(n_loops, torch.Tensor)
+        self._check_inputs(input_ids, n_loops, exit_threshold)
         B, S = input_ids.shape
-        if cache is not None and cache.length > 0 and not cache.share_loops and n_loops > (cache.n_loops or 0):
-            raise CacheError(
-                f"n_loops={n_loops} but the cache was filled with {cache.n_loops} loops: the extra iterations "
-                "have no keys/values for earlier tokens. Decode with n_loops <= that, prefill again, or use "
-                "KVCache(share_loops=True)"
-            )
         device = input_ids.device
-        positions = cache.positions(start, S, device) if cache is not None else \
-            torch.arange(S, device=device)[None, :].expand(B, S)
-        mask = self._padding_mask(cache, start, S, device)
+        if cache is not None:
+            start, positions, mask = cache.prepare(S, n_loops, device)
+        else:
+            start, positions, mask = 0, torch.arange(S, device=device)[None, :].expand(B, S), None
+        if start + S > cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds max_seq_len={cfg.max_seq_len}")
         x = self.tok_emb(input_ids)
         rot = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
         rope = rope_angles(positions, rot, cfg.rope_theta)
@@ -173,8 +168,13 @@ class Mythos(nn.Module):
         e = self.e_norm(x)
         if exit_on not in EXIT_ON:
             raise ValueError(f"exit_on must be 'all' or 'last', got {exit_on!r}")
-        rec = self.core(e, rope, mask, n_loops, bptt_depth, cache, start, exit_threshold, collect_stats,
-                        keep_loop_states=return_loop_logits, exit_on=exit_on)
+        if per_row:
+            if self.training and torch.is_grad_enabled():
+                raise ValueError("a loop count per row is for inference: call under torch.no_grad() in eval mode")
+            rec = self.core.forward_rows(e, rope, mask, n_loops.to(device), cache, start, exit_threshold, exit_on)
+        else:
+            rec = self.core(e, rope, mask, n_loops, bptt_depth, cache, start, exit_threshold, collect_stats,
+                            keep_loop_states=return_loop_logits, exit_on=exit_on)
         aux = aux + rec.aux_loss
 
         def coda_head(h: torch.Tensor, use_cache: bool) -> torch.Tensor:
@@ -191,8 +191,7 @@ class Mythos(nn.Module):
         loop_logits = [coda_head(h, use_cache=False) for h in rec.loop_states] if return_loop_logits else []
 
         if cache is not None:
-            cache.n_loops = n_loops if cache.length == 0 else min(cache.n_loops or n_loops, n_loops)
-            cache.length = start + S
+            cache.advance(S, n_loops)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -34,6 +34,7 @@ from .loop_embedding import loop_index_embedding
 from .lora import DepthLoRA
 from .moda import DepthMemory, DepthWriter
 from .norm import RMSNorm
+from .slot_cache import SlotBatch
 
 EXIT_ON = ("all", "last")
 """Which positions the adaptive exit waits for: every position, or the last of each row."""
@@ -44,7 +45,8 @@ class RecurrentOutput:
     h: torch.Tensor
     aux_loss: torch.Tensor
     ponder_cost: torch.Tensor | None
-    loops_used: int
+    loops_used: int | torch.Tensor
+    """Iterations run; a (B,) tensor from `forward_rows`."""
     state_norms: list[torch.Tensor] = field(default_factory=list)
     loop_states: list[torch.Tensor] = field(default_factory=list)
 
@@ -138,13 +140,90 @@ class RecurrentBlock(nn.Module):
         ponder = act.ponder_cost() if act is not None else None
         return RecurrentOutput(out, aux, ponder, loops_used, norms, loop_states)
 
+    @torch.no_grad()
+    def forward_rows(
+        self,
+        e: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        n_loops: torch.Tensor,
+        cache: KVCache | SlotBatch | None = None,
+        start: int = 0,
+        exit_threshold: float | torch.Tensor | None = None,
+        exit_on: str = "all",
+    ) -> RecurrentOutput:
+        """Inference with a loop count (and exit threshold) per row: n_loops (B,). Iteration t runs
+        only the rows that are still looping (count above t, not converged), so a batch costs what
+        its rows cost, not its deepest row times its size, and each row's result, state and cache
+        entries are what it would get alone. The rows still looping only shrink from one iteration
+        to the next; when rows are ordered deepest first they are a prefix (cache slices, no copies)."""
+        cfg, B = self.cfg, e.shape[0]
+        if isinstance(cache, KVCache) and bool((n_loops != n_loops[0]).any()):
+            raise ValueError("loop counts per row need a SlotCache (KVCache rows share one loop count)")
+        h = self.initial_state(e)
+        act = ACTState(self.act, e) if self.act is not None else None
+        memory = DepthMemory(len(self.layers)) if self.depth_writer is not None else None
+        thresholds = None
+        if exit_threshold is not None:
+            thresholds = torch.as_tensor(exit_threshold, dtype=torch.float32, device=e.device).expand(B)
+        looping = torch.ones(B, dtype=torch.bool, device=e.device)
+        used = n_loops.clone()
+        aux = e.new_zeros((), dtype=torch.float32)
+        for t in range(int(n_loops.max())):
+            rows = looping.nonzero().squeeze(1)
+            if len(rows) == 0:  # every row has exited early
+                break
+            every = len(rows) == B
+            pick = (lambda x: x) if every else (lambda x: x[rows])
+            e_t, h_t, loops_t = pick(e), pick(h), pick(n_loops)
+            rope_t = (pick(rope[0]), pick(rope[1]))
+            cache_t = cache if cache is None or every else cache.select(rows)
+            if memory is not None:
+                memory.write(self.depth_writer(e_t if t == 0 else h_t, rope_t), None if every else rows, B)
+            u = self.in_norm(h_t + loop_index_embedding(t, cfg.loop_emb_dim, cfg.dim, e.device, e.dtype) + e_t)
+            update, a = self.step(u, t, rope_t, None if mask is None else pick(mask), cache_t, start, memory,
+                                  None if every else rows)
+            aux = aux + a
+            h_new = self.injection(h_t, e_t, update)
+            last = loops_t == t + 1
+            converged = torch.zeros_like(last)
+            if thresholds is not None:
+                a_, b_ = (h_new[:, -1:], h_t[:, -1:]) if exit_on == "last" else (h_new, h_t)
+                change = (a_ - b_).float().norm(dim=-1) / a_.float().norm(dim=-1).clamp_min(1e-6)
+                converged = (change.amax(dim=1) < pick(thresholds)) & ~last
+            if act is not None:
+                act.step(h_new, last | converged, None if every else rows)
+                if thresholds is not None:
+                    halted = ~pick(act.running).any(dim=1)
+                    converged = converged | (halted & (pick(thresholds) >= 0) & ~last)
+            h = h_new if every else h.index_copy(0, rows, h_new)
+            if bool(converged.any()):
+                exited = rows[converged]
+                used[exited] = t + 1
+                if cache is not None and not cache.share_loops:
+                    self._fill_skipped_rows(cache.select(exited), t, int(n_loops[exited].max()), e.shape[1])
+            looping[rows[last | converged]] = False
+        out = act.output if act is not None else h
+        ponder = act.ponder_cost() if act is not None else None
+        return RecurrentOutput(out, aux, ponder, used)
+
+    def _fill_skipped_rows(self, cache: SlotBatch, t: int, n_loops: int, S: int) -> None:
+        """Rows that exited at iteration t: their later iterations' entries at the new positions are
+        iteration t's (the rule `_fill_skipped` applies to a whole batch)."""
+        for j in range(len(self.layers)):
+            src = cache.slot("core", j, t)
+            for later in range(t + 1, n_loops):
+                cache.slot("core", j, later).copy_positions(src, S)
+
     def step(self, u: torch.Tensor, t: int, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-             cache: KVCache | None, start: int, memory: DepthMemory | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stack of core layers at iteration t on u (B, S, D) -> (summed update incl. LoRA, aux loss)."""
+             cache: KVCache | SlotBatch | None, start: int, memory: DepthMemory | None,
+             rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack of core layers at iteration t on u (B, S, D) -> (summed update incl. LoRA, aux loss);
+        `rows`: u holds only these rows of the batch the depth memory was written for."""
         x, update, aux = u, None, u.new_zeros((), dtype=torch.float32)
         for j, layer in enumerate(self.layers):
             slot = cache.slot("core", j, t) if cache is not None else None
-            depth = memory.read(j) if memory is not None else None
+            depth = memory.read(j, rows) if memory is not None else None
             d, a = layer(x, rope, mask, slot, start, depth)
             x = x + d
             update = d if update is None else update + d

@@ -3,6 +3,7 @@ import torch
 
 from mythos import CacheError, KVCache, Mythos, get_variant
 from mythos.generation import SamplingParams, generate, stream
+from mythos.slot_cache import SlotCache
 from mythos.sizing import kv_cache_numbers_per_token
 
 CONFIGS = {
@@ -139,3 +140,60 @@ def test_adaptive_exit_uses_fewer_loops(model):
     assert max(res.loops_used) < 32
     exact = generate(model, [[1, 2, 3]], max_new_tokens=3, temperature=0.0, n_loops=32)
     assert exact.loops_used == [32, 32, 32]
+
+
+def test_slot_cache_rows_of_mixed_depth_equal_each_row_alone(model):
+    """Rows with their own loop counts and exit thresholds, prompts of different lengths prefilled
+    into scattered slots, decoded together: every row's logits and loop counts equal the same row
+    decoded alone with a KVCache (to float32 rounding)."""
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 9, 3, 7)]
+    loops, exits, slots = [4, 1, 8, 2], [None, None, 0.05, None], [4, 1, 0, 3]
+
+    def alone(prompt, n, exit_threshold):
+        cache, logits, used = KVCache(1, 40), [], []
+        ids = torch.tensor([prompt])
+        for _ in range(6):
+            out = model(ids, n_loops=n, cache=cache, exit_threshold=exit_threshold)
+            logits.append(out.logits[0, -1])
+            used.append(out.loops_used)
+            ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        return logits, used
+
+    with torch.no_grad():
+        want = [alone(p, n, x) for p, n, x in zip(prompts, loops, exits)]
+        cache = SlotCache(rows=6, capacity=40)
+        thresholds = torch.tensor([-1.0 if x is None else x for x in exits])
+        got = [([], []) for _ in prompts]
+        for i, (p, n, slot) in enumerate(zip(prompts, loops, slots)):
+            out = model(torch.tensor([p]), n_loops=torch.tensor([n]), cache=cache.batch([slot]),
+                        exit_threshold=thresholds[i:i + 1])
+            got[i][0].append(out.logits[0, -1])
+            got[i][1].append(int(out.loops_used[0]))
+        for _ in range(5):
+            ids = torch.stack([g[0][-1].argmax() for g in got])[:, None]
+            out = model(ids, n_loops=torch.tensor(loops), cache=cache.batch(slots), exit_threshold=thresholds)
+            for i, g in enumerate(got):
+                g[0].append(out.logits[i, -1])
+                g[1].append(int(out.loops_used[i]))
+    for (w_logits, w_used), (g_logits, g_used) in zip(want, got):
+        assert g_used == w_used
+        torch.testing.assert_close(torch.stack(g_logits), torch.stack(w_logits), rtol=1e-4, atol=1e-4)
+    assert max(got[2][1]) < 8  # the exit row stopped early on its own; its neighbours did not
+    assert cache.lengths[slots].tolist() == [len(p) + 5 for p in prompts]
+
+
+def test_slot_cache_refuses_what_it_cannot_serve(model):
+    cache = SlotCache(rows=2, capacity=8)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 5)), n_loops=torch.tensor([2]), cache=cache.batch([0]))
+        with pytest.raises(CacheError, match="n_loops=4 but row 0 of the cache was filled with 2 loops"):
+            model(torch.randint(0, 256, (1, 1)), n_loops=torch.tensor([4]), cache=cache.batch([0]))
+        with pytest.raises(CacheError, match="capacity 8 exceeded"):
+            model(torch.randint(0, 256, (1, 4)), n_loops=torch.tensor([2]), cache=cache.batch([0]))
+        cache.release(0)  # a freed row takes a new request of any depth
+        model(torch.randint(0, 256, (1, 6)), n_loops=torch.tensor([4]), cache=cache.batch([0]))
+    with pytest.raises(ValueError, match="rows must be distinct slots in 0..1"):
+        cache.batch([0, 0])
+    with pytest.raises(ValueError, match="n_loops per row must be 1 ints >= 1"):
+        model(torch.randint(0, 256, (1, 2)), n_loops=torch.tensor([0]))

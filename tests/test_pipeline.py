@@ -65,7 +65,7 @@ def test_short_pipeline_shows_loops_solving_deeper_problems(ray_cluster, tmp_pat
                                           "train.batch_size=32", *pre]),
         *(f"baseline.{item}" for item in ["scaling.num_workers=1", *base]),
         *(f"sweep.{item}" for item in sweep),
-        f"serve.http.port={free_port()}", "serve.batching.max_wait_ms=5",
+        f"serve.http.port={free_port()}",
     ]
     cfg = load_config(CFG, sets, cls=PipelineConfig)
     s = run_pipeline(cfg)

@@ -144,31 +144,81 @@ def test_chat_template_from_the_model_folder_or_the_plain_default(tmp_path):
         sneaky.render(msgs)
 
 
-@pytest.fixture(scope="module")
-def engine():
+ENGINE_MODELS = {"gqa": get_variant("debug"), "mla": get_variant("debug", attn_type="mla", q_lora_rank=32)}
+
+
+@pytest.mark.parametrize("attn", sorted(ENGINE_MODELS))
+def test_mixed_depths_share_a_pass_and_each_row_gets_what_it_gets_alone(attn):
+    """Rows of 1..16 loops, with and without the adaptive exit, greedy and seeded sampling, prompts of
+    different lengths arriving at different steps, share the decode passes; each row's text equals
+    the same request run alone (and greedy text equals `mythos.generation.generate`). A pass runs each
+    row only for its own iterations: the core layer sees sum(loops) rows per pass, not max * rows."""
     torch.manual_seed(0)
-    return Engine(Mythos(get_variant("debug")), ByteTokenizer(), "m")
+    model = Mythos(ENGINE_MODELS[attn]).eval()
+    tok = ByteTokenizer()
+    specs = [("Hello there", dict(n_loops=1)), ("A", dict(n_loops=16)), ("The quick brown fox", dict(n_loops=4)),
+             ("xy", dict(n_loops=8, exit_threshold=0.05)), ("Mixed depth", dict(n_loops=2)),
+             ("seeded", dict(n_loops=4, temperature=0.9, top_k=20, seed=7)), ("jump", dict(n_loops=16))]
 
+    def job(engine, i):
+        text, kw = specs[i]
+        kw = {"temperature": 0.0, **kw}
+        return engine.job(tok.encode(text), 6 + i % 3, ignore_eos=True, **kw)
 
-def test_batched_greedy_matches_solo_and_groups_split_by_loops(engine):
-    prompts = ["Hello there", "A", "The quick brown fox"]
     solo = []
-    for p in prompts:
-        j = engine.job(engine.tokenizer.encode(p), 4, temperature=0.0, n_loops=2)
-        engine.run_batch([j])
-        solo.append(j.result()[0])
-    jobs = [engine.job(engine.tokenizer.encode(p), 4, temperature=0.0, n_loops=2) for p in prompts]
-    jobs.append(engine.job(engine.tokenizer.encode("x"), 3, temperature=0.0, n_loops=5))
-    assert [len(g) for g in engine.groups(jobs, 8)] == [3, 1]
-    engine.run_batch(jobs)
-    assert [j.result()[0] for j in jobs[:3]] == solo
-    assert [j.result()[1].loops_used for j in jobs] == [2, 2, 2, 5]
-    assert jobs[3].result()[1].completion_tokens == 3
-    # seeded sampling runs alone, so the seed alone decides its text
-    seeded = [engine.job([65, 66], 4, temperature=1.0, seed=7) for _ in range(2)]
-    assert len(engine.groups(seeded, 8)) == 2
-    engine.run_batch(seeded)
-    assert seeded[0].result()[0] == seeded[1].result()[0]
+    for i in range(len(specs)):
+        alone = Engine(model, tok, "m", max_rows=1)
+        j = job(alone, i)
+        alone.run([j])
+        solo.append(j.result())
+    engine = Engine(model, tok, "m", max_rows=4)  # fewer rows than requests: some wait for a free one
+    seen: list[int] = []
+    hook = model.core.layers[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    try:
+        jobs = [job(engine, i) for i in range(len(specs))]
+        engine.add(jobs[:2])
+        engine.step()
+        assert len(engine.rows) == 2
+        seen.clear()
+        engine.step()  # one decode pass: a 1-loop row and a 16-loop row
+        assert len(seen) == 16 and sum(seen) == 1 + 16  # the shallow row ran one iteration, not 16
+        engine.add(jobs[2:4])
+        engine.step()
+        engine.add(jobs[4:])
+        occupancy = []
+        while not all(j.done for j in jobs):
+            engine.step()
+            occupancy.append(len(engine.rows))
+    finally:
+        hook.remove()
+    assert max(occupancy) == 4 and engine.queue_depth == 0 and sorted(engine.free) == [0, 1, 2, 3]
+    for i, j in enumerate(jobs):
+        text, done = j.result()
+        assert (text, done.completion_tokens, done.loops_used) == (solo[i][0], solo[i][1].completion_tokens,
+                                                                  solo[i][1].loops_used), specs[i]
+    assert jobs[3].result()[1].loops_used < 8  # the exit row stopped early, on its own
+    assert [jobs[i].result()[1].loops_used for i in (0, 1, 2, 4)] == [1, 16, 4, 2]
+    for i in (0, 2, 4):  # greedy rows: the library's own generation, one prompt alone
+        text, kw = specs[i]
+        ref = generate(model, [tok.encode(text)], max_new_tokens=6 + i % 3, temperature=0.0, n_loops=kw["n_loops"])
+        assert tok.decode(ref.tokens[0]) == jobs[i].result()[0]
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_its_row_is_reused():
+    torch.manual_seed(0)
+    engine = Engine(Mythos(get_variant("debug")), ByteTokenizer(), "m", max_rows=2)
+    a, b, c = (engine.job([65, 66, 67], 20, temperature=0.0, ignore_eos=True, n_loops=n) for n in (2, 3, 4))
+    engine.add([a, b, c])
+    engine.step()  # prefills a and b (a token each) and one decode pass (a second token)
+    engine.step()  # a third
+    assert [r.job for r in engine.rows] == [a, b] and engine.queue_depth == 1 and not engine.free
+    slot = engine.rows[1].slot
+    b.cancelled = True  # the client went away
+    engine.step()
+    assert b.result()[1].reason == "cancelled" and b.result()[1].completion_tokens == 3
+    assert [r.job for r in engine.rows] == [a, c] and engine.rows[1].slot == slot  # c took b's row
+    engine.run([a, c])
+    assert a.result()[1].completion_tokens == c.result()[1].completion_tokens == 20
 
 
 def test_engine_cuts_at_stop_strings_and_streams_the_rest():
@@ -177,7 +227,7 @@ def test_engine_cuts_at_stop_strings_and_streams_the_rest():
 
     def run(**kw):
         job = engine.job(prompt, 10, temperature=0.0, **kw)
-        engine.run_batch([job])
+        engine.run([job])
         return job
 
     full, done = run().result()
@@ -199,8 +249,8 @@ def direct_logprobs(model: Mythos, ids: list[int], n_loops: int | None = None) -
 
 def test_engine_logprobs_score_the_prompt_and_the_generated_tokens():
     """Echo scoring (the prefill's logits) and per-step logprobs equal one plain forward pass of the
-    same tokens, whatever the batch neighbours (left padding), to float32 rounding (1e-5: the batched,
-    cached pass adds the same numbers in another order)."""
+    same tokens, whatever the batch neighbours, to float32 rounding (1e-5: the batched, cached pass
+    adds the same numbers in another order)."""
     model = served_model()
     engine = Engine(model, ByteTokenizer(), "m")
     eos = engine.eos_id
@@ -208,7 +258,7 @@ def test_engine_logprobs_score_the_prompt_and_the_generated_tokens():
     jobs = [engine.job(short, 3, temperature=0.0, logprobs=2, score_prompt_from=1, stream=False),
             engine.job(long, 0, temperature=0.0, logprobs=0, score_prompt_from=1),
             engine.job(long, 1, temperature=0.0, logprobs=1)]
-    engine.run_batch(jobs)
+    engine.run(jobs)
     text, done = jobs[0].result()
     entries = done.logprobs
     generated = [e.token for e in entries[len(short) - 1:]]
@@ -222,7 +272,7 @@ def test_engine_logprobs_score_the_prompt_and_the_generated_tokens():
         assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-5)
     # greedy: every generated token is the most likely one
     assert all(e.top[0][0] == e.token for e in entries[len(short) - 1:])
-    # max_tokens=0: only the prompt is scored (in the batch, `short` is the left-padded row); no top tokens asked
+    # max_tokens=0: only the prompt is scored; no top tokens asked
     (_, only_prompt) = jobs[1].result()
     assert only_prompt.completion_tokens == 0 and only_prompt.loops_used == model.cfg.n_loops
     want = direct_logprobs(model, long)[:-1].gather(-1, torch.tensor(long[1:])[:, None])[:, 0]
@@ -293,7 +343,7 @@ def server(served_folder, free_port):
         "model": {"source": str(folder)},
         "http": {"port": free_port()},
         "limits": {"max_tokens": 64, "max_loops": 12, "max_prompt_tokens": 480},
-        "batching": {"max_batch_size": 16, "max_wait_ms": 30},
+        "batching": {"max_batch_size": 16},
         "log_level": "WARNING",
     })
     try:
@@ -615,8 +665,22 @@ def test_concurrent_load_has_no_errors_and_is_batched(server):
     assert codes.count(200) == n, {c: codes.count(c) for c in set(codes)}
     assert elapsed < 90
     after = httpx.get(f"{server}/health").json()["stats"]
-    requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
-    assert requests == n and requests / batches >= 2  # concurrent requests were batched together
+    requests, steps = after["requests"] - before["requests"], after["steps"] - before["steps"]
+    decoded = after["decoded"] - before["decoded"]  # (the first token of each comes from its prefill)
+    assert requests == n and decoded == n * 2 and decoded / steps >= 2  # concurrent requests shared the passes
+    assert after["running_rows"] == after["queue_depth"] == 0
+    # the Prometheus route counts the same
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(httpx.get(f"{server}/metrics").text) for s in fam.samples}
+    assert samples.get(("mythos_requests_total", (("outcome", "ok"), ("route", "/v1/completions"))), 0) >= n, samples
+    assert samples[("mythos_batch_rows_count", ())] == after["steps"]
+    assert samples[("mythos_batch_rows_sum", ())] == after["decoded"]
+    assert samples[("mythos_generated_tokens_total", ())] == after["tokens"]
+    # every request that generated has its loops observed (echo-only requests of earlier tests have none)
+    assert n <= samples[("mythos_loops_per_request_count", ())] <= after["requests"]
+    assert samples[("mythos_queue_depth", ())] == 0 and samples[("mythos_step_seconds_count", ())] == after["steps"]
 
 
 @pytest.mark.ray

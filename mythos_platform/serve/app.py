@@ -1,4 +1,4 @@
-"""The Ray Serve application: an OpenAI-style API in front of `Engine` + `Batcher`.
+"""The Ray Serve application: an OpenAI-style API in front of the `Engine` (iteration-level batching).
 
 Routes (under http.route_prefix):
     POST /v1/completions        prompt (text or token ids), max_tokens, temperature, top_p, stop, stream,
@@ -9,7 +9,9 @@ Routes (under http.route_prefix):
     GET  /v1/models             the served model id
     GET  /tokenizer_info, POST /tokenize, POST /detokenize    vLLM's tokenizer routes (tokenizer_api.py)
     GET  /health                200 {"status": "ok"} while the replica can serve (the same check as
-                                Serve's `check_health`)
+                                Serve's `check_health`), with the engine's counts
+    GET  /metrics               Prometheus text format: requests, tokens, rows per pass, queue depth,
+                                loops per request, seconds per pass (metrics.py)
 
 Every bad request gets a 4xx `{"error": {"message", "type", "param", "code"}}` naming the field
 (415 for a body that is not JSON), and the replica keeps serving. With `http.api_key_env` naming a
@@ -34,15 +36,16 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admission import Admission, Plan
 from .chat_template import ChatTemplate
 from .config import ServeConfig
-from .engine import Batcher, Delta, Engine, Failed, Finished, Job, events
+from .engine import Delta, Engine, Failed, Finished, Job, events
 from .formats import ChatFormat, CompletionFormat
+from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from .schemas import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                       error_body, mythos_info, parse_request, usage)
 from .tokenizer_api import detokenize, eos_text, tokenize, tokenizer_info
@@ -50,6 +53,25 @@ from .tokenizer_api import detokenize, eos_text, tokenize, tokenizer_info
 log = logging.getLogger("mythos")
 
 api = FastAPI(title="Mythos RDT completions", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
+           "/health")
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    response = await call_next(request)
+    try:  # the replica's own MythosServer (Serve keeps one per replica process)
+        metrics = serve.get_replica_context().servable_object.metrics
+    except Exception:  # noqa: BLE001 - outside a replica, or before it is built: nothing to count
+        metrics = None
+    if metrics is not None:
+        path = request.url.path
+        route = next((r for r in _ROUTES if path.endswith(r)), "other")
+        if route != "other" or not path.endswith("/metrics"):
+            metrics.request(route, response.status_code)
+    return response
 
 
 @api.exception_handler(APIError)
@@ -133,12 +155,14 @@ class MythosServer:
         self.cfg = cfg = ServeConfig.from_dict(config)
         logging.getLogger("mythos").setLevel(cfg.log_level)
         folder = resolve_model(cfg.model.source, tracking_uri=cfg.model.tracking_uri)
-        self.engine = Engine.load(folder, cfg.model.model_id(), cfg.model.device, cfg.model.torch_threads)
+        b = cfg.batching
+        self.engine = Engine.load(folder, cfg.model.model_id(), cfg.model.device, cfg.model.torch_threads,
+                                  max_rows=b.max_batch_size if b.enabled else 1)
         eos_token = eos_text(folder)
         self.admit = Admission(cfg, self.engine, ChatTemplate.load(folder, eos_token))
         self.tokenizer_info = tokenizer_info(self.admit, eos_token)
-        b = cfg.batching
-        self.batcher = Batcher(self.engine, b.max_batch_size, b.max_wait_ms / 1000, b.enabled)
+        self.engine.start()
+        self.metrics = ServeMetrics(self.engine)
         self.key_hash = api_key_sha256
         self.created = int(time.time())
         log.info("serving %s from %s (n_loops default %d, max_seq_len %d, chat template %s, batching %s)",
@@ -149,8 +173,6 @@ class MythosServer:
     def check_health(self) -> None:
         """Called by Serve's controller; raising marks the replica unhealthy (it is restarted)."""
         self.engine.check_health()
-        if not self.batcher.alive():
-            raise RuntimeError("the batching loop has stopped")
 
     @api.get("/health")
     def health(self) -> dict[str, Any]:
@@ -158,10 +180,16 @@ class MythosServer:
             self.check_health()
         except Exception as exc:  # noqa: BLE001
             raise APIError(503, f"unhealthy: {exc}", code="unhealthy", type="server_error") from None
-        e = self.engine
-        return {"status": "ok", "model": e.model_id, "stats": {"batches": e.batches_run, "requests": e.rows_run,
-                                                            "busy_s": round(e.busy_s, 4),
-                                                            "recent_batches": self.batcher.batch_sizes[-16:]}}
+        e, st = self.engine, self.engine.stats
+        return {"status": "ok", "model": e.model_id,
+                "stats": {"requests": st.requests, "tokens": st.tokens, "steps": st.steps, "decoded": st.decoded,
+                          "busy_s": round(st.busy_s, 4),
+                          "running_rows": len(e.rows), "queue_depth": e.queue_depth,
+                          "recent_rows": [n for _, n in list(st.occupancy)[-16:]]}}
+
+    @api.get("/metrics")
+    def get_metrics(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # --- auth and body ----------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -241,7 +269,7 @@ class MythosServer:
 
     # --- running a plan -----------------------------------------------------------------------
     async def _respond(self, req: Any, plan: Plan, fmt: CompletionFormat):
-        queue = await self.batcher.submit(plan.jobs)
+        queue = await self.engine.submit(plan.jobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(plan, queue, fmt, include_usage), media_type="text/event-stream",

@@ -105,18 +105,17 @@ class DefaultsConfig(Section):
 
 
 class BatchingConfig(Section):
-    """Dynamic batching inside each replica (see mythos_platform/serve/engine.py: Batcher)."""
+    """Iteration-level batching inside each replica (mythos_platform/serve/engine.py): requests join
+    the running batch at the next decode step and leave when they finish, whatever their loop count."""
 
     enabled: bool = True
-    """false: one request at a time (the benchmark's baseline)."""
-    max_batch_size: int = 8
-    max_wait_ms: float = 100.0
-    """Longest wait for more requests before a batch starts; only spent when the previous batch was
-    larger than what is queued (a lone client never waits)."""
+    """false: one request at a time."""
+    max_batch_size: int = 16
+    """Rows generating at once (the KV cache holds this many sequences of max_seq_len); more requests
+    wait for a free row."""
 
     def check(self) -> None:
         self.need(self.max_batch_size >= 1, "max_batch_size", "must be >= 1", self.max_batch_size)
-        self.need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0", self.max_wait_ms)
 
 
 class AutoscalingSection(Section):
