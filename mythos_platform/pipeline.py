@@ -242,8 +242,25 @@ class PipelineRun:
         from .serve.deploy import deploy
 
         with self.stage("deploy", "deploy the champion"):
+            self._check_training_is_gone()
             self.deployed = True
             return deploy(self.serve_cfg)
+
+    @staticmethod
+    def _check_training_is_gone() -> None:
+        """The endpoint must not share the cluster with the training stages' actors (Ray Train's
+        controller and workers, Ray Data's coordinators: about 1 GB on the demo's machine). They end
+        when their runs end; this waits for that (briefly) and says so if some did not."""
+        from .tune.cleanup import leftovers
+
+        try:
+            left = leftovers(timeout_s=20.0)
+        except Exception as exc:  # noqa: BLE001 - the state API not answering must not stop the demo
+            print(f"[mythos pipeline] (could not list the cluster's actors: {exc})", flush=True)
+            return
+        if left:
+            print(f"[mythos pipeline] warning: training left {len(left.actors)} actors and "
+                  f"{len(left.placement_groups)} placement groups alive: {', '.join(left.actors[:6])}", flush=True)
 
     def stopped(self, exc: KeyboardInterrupt) -> str:
         """After Ctrl-C: the endpoint (if this run deployed it) deleted; what stopped and how to go on."""

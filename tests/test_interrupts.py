@@ -1,4 +1,5 @@
-"""One Ctrl-C stops `mythos pipeline` cleanly in every stage, and the same command goes on from there.
+"""The demo's pipeline as a user runs it, interrupted in every stage: one Ctrl-C stops it cleanly,
+the same command goes on from there, and at the end the served model shows what looping is for.
 
 The pipeline runs as a user runs it: the `mythos` command in its own process group (its own Ray
 cluster, as `make demo` starts one), and Ctrl-C is what a terminal sends, SIGINT to the whole
@@ -7,6 +8,13 @@ baseline side by side), in the sweep, in the evaluation, while deploying, and wh
 launch must exit at the first Ctrl-C (130, or 0 once the endpoint was up as asked), say what
 stopped, mark what it was doing KILLED in MLflow and leave no process behind; each relaunch goes
 on from what the earlier ones finished.
+
+The configuration is the demo's, shortened to fit the test budget as a curriculum: pretraining
+follows 2-hop chains (the first lookup is found within a few hundred steps), the sweep fine-tunes
+on 4-hop chains. Interrupted and resumed (the data order is fixed, so a resumed run replays the
+uninterrupted one), the sweep's best must still beat the pretrained model on 8-hop validation
+problems and become the champion, loops = hops must solve problems deeper than any trained, and
+the served model must answer the 8-hop question right with 8 loops and wrong with 2.
 """
 
 from __future__ import annotations
@@ -21,36 +29,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-# the demo's pipeline, shrunk: every stage runs, in seconds
-TINY = """
+# the demo's pipeline, shortened (see the module docstring); checkpoints every 100 pretraining steps
+# so that the run interrupted in launch 1 resumes
+SHORT = """
 extends: {root}/jobs/configs/pipeline-debug.yaml
-eval_loops: [2]
-eval_max_hops: 2
-eval_limit: 4
-question_hops: 2
-question_loops: [2]
+eval_loops: [2, 8]
+eval_max_hops: 8
+eval_limit: 30
 pretrain:
-  scaling: {{num_workers: 1, cpus_per_worker: 0.5}}
-  train: {{steps: 60, warmup_steps: 2, log_every: 2, eval_every: 30, val_batches: 1, batch_size: 8}}
-  checkpoint: {{every_steps: 10}}
-  data: {{n_docs: 1000, val_docs: 16, val_blocks: 16, val_hops: 4}}
+  scaling: {{num_workers: 1, cpus_per_worker: 1.0}}
+  train: {{batch_size: 32, steps: 600, lr: 2.0e-3, min_lr: 2.0e-3, eval_every: 300, log_every: 100}}
+  checkpoint: {{every_steps: 100}}
+  data: {{min_hops: 2, max_hops: 2, n_docs: 20000, val_docs: 64, val_blocks: 64, val_hops: 8}}
 baseline:
-  scaling: {{num_workers: 1, cpus_per_worker: 0.5}}
-  train: {{steps: 4, warmup_steps: 1, log_every: 2, eval_every: 4, val_batches: 1, batch_size: 8}}
-  checkpoint: {{every_steps: 2}}
-  data: {{n_docs: 400, val_docs: 16, val_blocks: 16, val_hops: 4}}
+  scaling: {{num_workers: 1, cpus_per_worker: 0.4}}
+  train: {{steps: 30, warmup_steps: 5, eval_every: 30, batch_size: 8}}
+  checkpoint: {{every_steps: 30}}
+  data: {{n_docs: 2000, val_docs: 32}}
 sweep:
-  name: tiny-sweep
+  name: t-sweep
   asha: {{enabled: false}}
-  space: {{data.label_loops: [4], model.overrides.lora_rank: [2]}}
+  space: {{data.label_loops: [4], model.overrides.lora_rank: [0, 2]}}
   base:
-    train: {{steps: 12, warmup_steps: 1, log_every: 2, eval_every: 12, val_batches: 1, batch_size: 8}}
-    checkpoint: {{every_steps: 10}}
-    data: {{n_docs: 400, val_docs: 16, val_blocks: 16, val_hops: 4}}
+    data: {{n_docs: 6000, val_docs: 64, val_hops: 8}}
+    train: {{steps: 160, warmup_steps: 20, eval_every: 40}}
+    checkpoint: {{every_steps: 160}}
 """
 
 
@@ -147,9 +155,10 @@ def registry(root: Path) -> list:
     return MlflowClient(uri, registry_uri=uri).search_model_versions("name='mythos-rdt'")
 
 
-def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_same_command_goes_on(tmp_path, free_port):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY.format(root=ROOT))
+def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows_loops_solving_deeper_problems(
+        tmp_path, free_port):
+    config = tmp_path / "short.yaml"
+    config.write_text(SHORT.format(root=ROOT))
     root, port = tmp_path / "run", free_port()
     stopped = "[mythos] interrupted: the pipeline stopped in stage "
 
@@ -160,25 +169,24 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_same_command_goes_
         assert launch.left == [], (stage, launch.left)
         assert "Traceback" not in launch.output.split(stopped)[-1]  # the message, not a stack
 
-    # 1. pretraining (looped model and baseline side by side): both MLflow runs KILLED
-    # well before the last step: steps take ~0.1 s and progress lines reach the driver late, so a
-    # press at step 12 of 20 could land after the run's final checkpoint
-    launch = ctrl_c(config, root, port, r"\[mythos\] step +12/60")
+    # 1. pretraining (looped model and baseline side by side): the looped model's MLflow run KILLED
+    launch = ctrl_c(config, root, port, r"\[mythos\] step +200/600")
     check(launch, "1/5 (pretrain")
     assert "training runs 'pipeline-pretrain', 'pipeline-baseline' stopped" in launch.output
     assert runs_by_status(root)["pipeline-pretrain"] == "KILLED"
 
     # 2. the sweep: pretraining resumes from its checkpoint and finishes first
-    launch = ctrl_c(config, root, port, r"\[mythos\] step +4/12", after_s=1)
+    launch = ctrl_c(config, root, port, r"\[mythos\] step +40/160", after_s=1)
     check(launch, "2/5 (sweep")
-    assert re.search(r"resumed from checkpoint at step (\d+)", launch.output) or "resuming" in launch.output
+    assert re.search(r"resumed from checkpoint at step [12]00 ", launch.output), launch.output[-4000:]
     assert runs_by_status(root)["pipeline-pretrain"] == "FINISHED"
     assert run_count(root, "pipeline-pretrain") == 1  # the same MLflow run, continued
-    assert "sweep 'tiny-sweep' was interrupted with 1 of 1 trials unfinished; nothing was registered" in launch.output
-    assert runs_by_status(root)["tiny-sweep"] == "KILLED"  # the sweep's parent run
+    assert re.search(r"sweep 't-sweep' was interrupted with [12] of 2 trials unfinished; nothing was registered",
+                     launch.output), launch.output[-4000:]
+    assert runs_by_status(root)["t-sweep"] == "KILLED"  # the sweep's parent run
     assert [int(v.version) for v in registry(root)] == [1]  # the pretrained model only: the sweep promoted nothing
 
-    # 3. the evaluation: the finished pretraining is not run again; the sweep's trial resumes and ends
+    # 3. the evaluation: the finished pretraining is not run again; the sweep's trials resume and end
     launch = ctrl_c(config, root, port, r"evaluating .* on \d+ task", after_s=1)
     check(launch, "3/5 (evaluate")
     assert "training run 'pipeline-pretrain' finished earlier with this config" in launch.output
@@ -190,8 +198,32 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_same_command_goes_
 
     # 5. serving, as asked (keep_serving): the endpoint stops and the job ends well
     launch = ctrl_c(config, root, port, r"n_loops=2 +-> ")  # the served answer, the summary's last line
-    assert launch.rc == 0, launch.output[-4000:]
-    assert "[mythos pipeline] endpoint stopped." in launch.output and launch.left == []
-    assert "press Ctrl-C (or `ray job stop <id>`) to stop it" in launch.output
-    assert len(registry(root)) == 2  # the resumed sweep finished and its best trial was registered
+    out = launch.output
+    assert launch.rc == 0, out[-4000:]
+    assert "[mythos pipeline] endpoint stopped." in out and launch.left == []
+    assert "press Ctrl-C (or `ray job stop <id>`) to stop it" in out
     assert runs_by_status(root)["pipeline-eval"] == "FINISHED"
+
+    # what the demo is for, after all the interruptions. The registry compared the pretrained model
+    # (2-hop chains) and the sweep's best (4-hop chains) on 8-hop validation problems: the sweep won
+    versions = registry(root)
+    assert len(versions) == 2
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    champ = client.get_model_version_by_alias("mythos-rdt", "champion")
+    assert float(champ.tags["val_acc"]) == max(float(v.tags["val_acc"]) for v in versions)
+    assert "-> champion: the sweep's best trial" in out, out[-4000:]
+    # looping buys depth: beyond the trained 4 hops, loops = hops solves what 2 loops cannot
+    eval_run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "attributes.run_name = 'pipeline-eval' and attributes.status = 'FINISHED'")[0]
+    for task in ("pointer_k6", "pointer_k8"):
+        hist = {m.step: m.value for m in client.get_metric_history(eval_run.info.run_id, f"{task}/acc")}
+        k = int(task.rsplit("k", 1)[1])
+        assert set(hist) == {2, 8, k}
+        assert hist[k] >= 0.8, hist
+        assert hist[k] >= hist[2] + 0.2, hist
+    assert int(re.search(r"loops = hops solves every depth up to (\d+) hops", out)[1]) >= 5
+    assert "| 8 |" in out and "baseline" in out  # the depth table, with the baseline's column
+    assert Path(re.search(r"plot: (\S+)", out)[1]).stat().st_size > 20_000
+    # the served model answers the 8-hop question right with 8 loops, and not with 2
+    assert re.search(r"n_loops=8 +-> .*\(right\)", out) and re.search(r"n_loops=2 +-> .*\(wrong\)", out), out[-2000:]

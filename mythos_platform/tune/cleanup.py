@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("mythos.tune")
 
-# actor classes a sweep starts: the Tune trial (function trainable), Ray Train's controller and
-# workers, and the Ray Data split coordinator that feeds the workers
-SWEEP_ACTOR_CLASSES = ("ImplicitFunc", "_trial", "TrainController", "RayTrainWorker", "SplitCoordinator")
+# actor classes a training run or sweep starts: the Tune trial (function trainable), Ray Train's
+# controller and workers, and Ray Data's dataset manager and split coordinator that feed the workers
+SWEEP_ACTOR_CLASSES = ("ImplicitFunc", "_trial", "TrainController", "RayTrainWorker", "DatasetManager",
+                       "SplitCoordinator")
 
 
 @dataclass
