@@ -1,35 +1,56 @@
-"""Serving benchmark: what Ray Serve adds to a request's latency, and what batching buys.
+"""Serving benchmark: the iteration-level engine against the old static batcher, on mixed loop depths.
 
-    python benchmarks/serve_bench.py [--model runs/debug/export/debug] [--requests 40] [--clients 8]
+    python benchmarks/serve_bench.py [--model FOLDER] [--clients 16] [--per-client 4] [--lone 8]
+                                     [--threads 1] [--quick] [--http]
 
-1. Latency: one client sends the same greedy request N times over HTTP to the app (batching on),
-   interleaved with the same request as a direct in-process call (`mythos.generation.generate` +
-   decode, the same torch thread count as a replica), so both see the same background load.
-   Prints p50/p95 of each and of the per-pair difference (goal: Serve adds <= 15 ms at p50).
-2. Throughput: `--clients` concurrent clients against the app with batching on, then with
-   batching off (one request at a time), same requests (goal: on / off >= 3x).
-Requests set `ignore_eos` so every one generates max_tokens tokens (the trained debug model
-otherwise stops after a couple of tokens).
+A. In process, no Ray (the main figure). The same request list runs against
+   (a) the old static batcher (`static_batcher.Batcher`, max_batch_size 16, max_wait 0.1 s: a batch
+       forms when the model is free, runs to completion, one loop count at a time) and
+   (b) the new `mythos_platform.serve.engine.Engine` (max_rows 16: requests join at the next decode
+       step, rows of different loop counts share each pass),
+   with the same model object and torch thread count (default 1, a replica's `model.torch_threads`:
+   on these 2-core machines a forward pass run from a worker thread with 2 torch threads is about
+   2.4x slower than from the main thread, which slows both engines alike).
+   1. Mixed depths: `--clients` concurrent asyncio clients each send `--per-client` requests one
+      after another; each request draws (random.Random(0)) n_loops from {1, 2, 4, 8, 16},
+      max_tokens from 16..64 and a random prompt of 8-24 bytes; greedy, ignore_eos (every request
+      generates max_tokens tokens). Prints tokens, wall seconds, tokens/s, p50/p95 latency and p50
+      time to first token of each, and new/old tokens/s (goal >= 3x). Time to first token is the
+      time to a request's first event (Delta, or Finished if all its text was held back, e.g. an
+      incomplete UTF-8 character), measured the same way for both.
+   2. Lone client: `--lone` sequential requests (n_loops 8, 32 tokens): p50 time to first token of
+      each and new/old (goal: new not worse, i.e. <= 1).
+   3. The new engine's rows per decode pass during the mixed run (`engine.stats.occupancy`):
+      mean, max, and the mean per tenth of the run.
+   Also counts requests whose greedy text differs between the two (expected 0).
+B. `--http` (off by default): what Ray Serve adds to a request's latency, and batching on/off over
+   HTTP (a private local Ray on 127.0.0.1, apps /on and /off; "off" is `batching: {enabled: false}`,
+   one row at a time).
 
-Starts a private local Ray on 127.0.0.1 with two apps (routes /on and /off); prints figures
-(not a test). Without --model it serves runs/debug/export/debug when present, else a random
-debug model.
+Model: `--model`, else runs/debug/export/debug when present, else a random debug model saved to a
+temporary folder. Prints figures (not a test).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import socket
 import statistics
+import string
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # static_batcher, when run from elsewhere
+
+LOOPS = (1, 2, 4, 8, 16)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -59,39 +80,169 @@ def model_folder(spec: str | None) -> str:
     return str(folder)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model folder (default: the trained debug export)")
-    ap.add_argument("--prompt", default="f(a)=c f(c)=b f(b)=a. f(f(a))=")
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=40, help="latency: requests (each direct and served)")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--per-client", type=int, default=6, help="throughput: requests per client")
-    ap.add_argument("--max-wait-ms", type=float, default=100.0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (replicas and the direct call)")
-    args = ap.parse_args()
+# ---------------------------------------------------------------------------------------
+# A. in process: static batcher vs iteration-level engine
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Req:
+    prompt_ids: list[int]
+    max_tokens: int
+    n_loops: int
 
+
+@dataclass
+class Run:
+    wall_s: float
+    tokens: int
+    latency_ms: list[float]
+    ttft_ms: list[float]
+    texts: list[str]
+
+
+def mixed_requests(tok, clients: int, per_client: int, max_tokens_hi: int, max_seq_len: int) -> list[list[Req]]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(clients):
+        reqs = []
+        for _ in range(per_client):
+            n_loops = rng.choice(LOOPS)
+            max_tokens = rng.randint(16, max_tokens_hi)
+            n = rng.randint(8, 24)
+            ids = tok.encode("".join(rng.choice(string.ascii_lowercase + " ") for _ in range(n)))[:n]
+            reqs.append(Req(ids, min(max_tokens, max_seq_len - len(ids)), n_loops))
+        out.append(reqs)
+    return out
+
+
+async def drive(submit, make_job, per_client: list[list[Req]]) -> Run:
+    """Each client sends its requests one after another; all clients at once."""
+    lat: list[float] = []
+    ttft: list[float] = []
+    texts: dict[tuple[int, int], str] = {}
+    tokens = 0
+
+    async def client(c: int) -> None:
+        nonlocal tokens
+        for k, r in enumerate(per_client[c]):
+            job = make_job(r)
+            t = time.perf_counter()
+            queue = await submit([job])
+            first = None
+            parts = []
+            while True:
+                _, ev = await queue.get()
+                if first is None:
+                    first = time.perf_counter() - t
+                if hasattr(ev, "error"):
+                    raise ev.error
+                parts.append(ev.text)
+                if hasattr(ev, "completion_tokens"):
+                    tokens += ev.completion_tokens
+                    break
+            lat.append((time.perf_counter() - t) * 1000)
+            ttft.append(first * 1000)
+            texts[c, k] = "".join(parts)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(len(per_client))))
+    wall = time.perf_counter() - t
+    return Run(wall, tokens, lat, ttft, [texts[k] for k in sorted(texts)])
+
+
+def part_a(args, model, tok) -> None:
+    from static_batcher import Batcher, StaticEngine
+
+    from mythos_platform.serve.engine import Engine
+    from mythos_platform.serve.jobs import Job
+
+    L = model.cfg.max_seq_len
+    hi = min(64, L - 24)
+    mixed = mixed_requests(tok, args.clients, args.per_client, hi, L)
+    lone = [[Req(tok.encode("f(a)=c f(c)=b f(b)=a. f(f(a))=")[:24], min(32, L - 24), 8) for _ in range(args.lone)]]
+    flat = [r for c in mixed for r in c]
+    print(f"mixed load: {args.clients} clients x {args.per_client} requests, n_loops from {LOOPS}, "
+          f"max_tokens {min(r.max_tokens for r in flat)}..{max(r.max_tokens for r in flat)} "
+          f"(mean {statistics.mean(r.max_tokens for r in flat):.1f}, mean n_loops "
+          f"{statistics.mean(r.n_loops for r in flat):.1f}), prompts "
+          f"{min(len(r.prompt_ids) for r in flat)}-{max(len(r.prompt_ids) for r in flat)} tokens, greedy, "
+          f"ignore_eos; max_seq_len {L}")
+
+    def make_job(r: Req) -> Job:
+        return Job(list(r.prompt_ids), r.max_tokens, temperature=0.0, n_loops=r.n_loops, ignore_eos=True,
+                   stream=True)
+
+    async def both():
+        old = Batcher(StaticEngine(model, tok), max_batch_size=args.max_rows, max_wait_s=0.1)
+        new = Engine(model, tok, "bench", max_rows=args.max_rows)
+        new.start()
+        warm = [[Req(flat[0].prompt_ids, 8, n)] for n in LOOPS]
+        res = {}
+        for name, sys_ in (("old", old), ("new", new)):
+            await drive(sys_.submit, make_job, warm)  # warm up: every loop count once
+            if name == "new":
+                t0 = time.monotonic()
+            res[name, "mixed"] = await drive(sys_.submit, make_job, mixed)
+            if name == "new":
+                t1 = time.monotonic()
+                occ = [(t, n) for t, n in new.stats.occupancy if t0 <= t <= t1]
+            await asyncio.sleep(0.3)  # the static batcher's recent sizes would make a lone request wait
+            old._recent = [1]
+            res[name, "lone"] = await drive(sys_.submit, make_job, lone)
+        old.close()
+        new.stop()
+        return res, occ, (t0, t1)
+
+    res, occ, (t0, t1) = asyncio.run(both())
+    label = {"old": "static batcher (old)", "new": "iteration-level (new)"}
+    print(f"\n1. mixed depths, {len(flat)} requests, max batch / rows {args.max_rows}:")
+    for name in ("old", "new"):
+        r = res[name, "mixed"]
+        print(f"  {label[name]:22s} {r.tokens:5d} tokens in {r.wall_s:6.1f} s = {r.tokens / r.wall_s:6.1f} tokens/s | "
+              f"latency p50 {pct(r.latency_ms, 50):6.0f} ms p95 {pct(r.latency_ms, 95):6.0f} ms | "
+              f"TTFT p50 {pct(r.ttft_ms, 50):6.0f} ms")
+    o, n = res["old", "mixed"], res["new", "mixed"]
+    ratio = (n.tokens / n.wall_s) / (o.tokens / o.wall_s)
+    print(f"  new / old tokens/s: {ratio:.2f}x  (goal >= 3x)")
+    diff = sum(a != b for a, b in zip(o.texts, n.texts))
+    print(f"  greedy texts that differ between the two: {diff} of {len(flat)}")
+
+    print(f"\n2. lone client, {args.lone} sequential requests (n_loops 8, {lone[0][0].max_tokens} tokens):")
+    for name in ("old", "new"):
+        r = res[name, "lone"]
+        print(f"  {label[name]:22s} TTFT p50 {pct(r.ttft_ms, 50):6.1f} ms | latency p50 {pct(r.latency_ms, 50):6.0f} ms")
+    ratio = pct(res["new", "lone"].ttft_ms, 50) / pct(res["old", "lone"].ttft_ms, 50)
+    print(f"  new / old TTFT p50: {ratio:.2f}  (goal <= 1: new not worse)")
+
+    print(f"\n3. new engine's rows per decode pass during the mixed run ({len(occ)} passes):")
+    if occ:
+        rows = [n for _, n in occ]
+        print(f"  mean {statistics.mean(rows):.1f}, max {max(rows)} (of {args.max_rows})")
+        bins: list[list[int]] = [[] for _ in range(10)]
+        for t, k in occ:
+            bins[min(9, int((t - t0) / (t1 - t0) * 10))].append(k)
+        means = [statistics.mean(b) if b else 0.0 for b in bins]
+        print("  mean rows per tenth of the run: " + " ".join(f"{m:4.1f}" for m in means))
+
+
+# ---------------------------------------------------------------------------------------
+# B. over HTTP (Ray Serve)
+# ---------------------------------------------------------------------------------------
+def part_b(args, folder: str, model, tok) -> None:
+    import httpx
     import ray
     from ray import serve
 
-    from mythos.checkpoint import load_pretrained
     from mythos.generation import SamplingParams, generate
-    from mythos.tokenizer import load_tokenizer_from_folder
     from mythos_platform.serve.app import build_app
     from mythos_platform.serve.config import ServeConfig
     from mythos_platform.serve.deploy import base_url, start_serve, wait_healthy
 
-    folder = model_folder(args.model)
-    torch.set_num_threads(args.threads)
-    model = load_pretrained(folder)
-    tok = load_tokenizer_from_folder(folder)
-    ids = tok.encode(args.prompt)
-    body = {"model": "bench", "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
-            "ignore_eos": True}
+    prompt, max_tokens = "f(a)=c f(c)=b f(b)=a. f(f(a))=", 16
+    ids = tok.encode(prompt)
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
     def direct() -> str:
-        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0)
-        res = generate(model, [ids], params, pad_id=tok.pad_id)
+        res = generate(model, [ids], SamplingParams(max_new_tokens=max_tokens, temperature=0.0), pad_id=tok.pad_id)
         return tok.decode(res.tokens[0])
 
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
@@ -101,9 +252,9 @@ def main() -> None:
         urls = {}
         for name, enabled in (("on", True), ("off", False)):
             cfg = ServeConfig.from_dict({
-                "model": {"source": folder, "served_name": "bench", "torch_threads": args.threads},
+                "model": {"source": folder, "served_name": "bench", "torch_threads": 1},
                 "http": {"port": port, "route_prefix": f"/{name}", "api_key_env": None},
-                "batching": {"enabled": enabled, "max_batch_size": args.clients, "max_wait_ms": args.max_wait_ms},
+                "batching": {"enabled": enabled, "max_batch_size": args.http_clients},
                 "deployment": {"app_name": f"bench-{name}", "name": f"Mythos-{name}", "num_cpus": 0.5},
                 "log_level": "WARNING",
             })
@@ -111,17 +262,19 @@ def main() -> None:
             serve.run(build_app(cfg), name=cfg.deployment.app_name, route_prefix=cfg.http.route_prefix)
             urls[name] = base_url(host, port, cfg.http.route_prefix)
             wait_healthy(urls[name])
-        print(f"model {folder} | prompt {len(ids)} tokens, max_tokens {args.max_tokens}, greedy, "
-              f"torch threads {args.threads}, {model.cfg.n_loops} loops")
+        print(f"\nB. over HTTP: prompt {len(ids)} tokens, max_tokens {max_tokens}, greedy, torch threads 1 "
+              f"(replicas and the direct call), {model.cfg.n_loops} loops")
 
-        # --- 1. latency: served vs direct, interleaved ------------------------------------
+        # --- latency: served vs direct, interleaved ---------------------------------------
+        torch.set_num_threads(1)
+        mismatches = 0
         with httpx.Client(timeout=120) as http:
             for _ in range(3):  # warm up both paths
                 direct()
                 http.post(f"{urls['on']}/v1/completions", json=body).raise_for_status()
             before = http.get(f"{urls['on']}/health").json()["stats"]
             d_ms, s_ms, h_ms = [], [], []
-            for _ in range(args.requests):
+            for _ in range(args.http_requests):
                 t = time.perf_counter()
                 http.get(f"{urls['on']}/health").raise_for_status()
                 h_ms.append((time.perf_counter() - t) * 1000)
@@ -132,27 +285,29 @@ def main() -> None:
                 r = http.post(f"{urls['on']}/v1/completions", json=body)
                 s_ms.append((time.perf_counter() - t) * 1000)
                 r.raise_for_status()
-                assert r.json()["choices"][0]["text"] == text_d, "served and direct greedy outputs differ"
+                mismatches += r.json()["choices"][0]["text"] != text_d
             after = http.get(f"{urls['on']}/health").json()["stats"]
-        replica_ms = (after["busy_s"] - before["busy_s"]) * 1000 / args.requests
+        torch.set_num_threads(args.threads)
+        replica_ms = (after["busy_s"] - before["busy_s"]) * 1000 / args.http_requests
         diff = [s - d for s, d in zip(s_ms, d_ms)]
-        print(f"\nlatency, 1 client, {args.requests} requests each (ms):")
+        print(f"latency, 1 client, {args.http_requests} requests each (ms):")
         print(f"  direct in-process generate  p50 {pct(d_ms, 50):7.1f}  p95 {pct(d_ms, 95):7.1f}")
-        print(f"  via Serve (HTTP, batching)  p50 {pct(s_ms, 50):7.1f}  p95 {pct(s_ms, 95):7.1f}")
+        print(f"  via Serve (HTTP)            p50 {pct(s_ms, 50):7.1f}  p95 {pct(s_ms, 95):7.1f}")
         print(f"  added by Serve              p50 {pct(s_ms, 50) - pct(d_ms, 50):7.1f}  "
               f"(median of per-pair differences {statistics.median(diff):.1f})  goal <= 15 ms")
-        print(f"  generate inside the replica mean {replica_ms:7.1f}   (served - replica generate: "
-              f"{statistics.mean(s_ms) - replica_ms:.1f} ms mean in HTTP, proxy, queueing)")
+        print(f"  forward passes inside the replica mean {replica_ms:7.1f}   (served - replica: "
+              f"{statistics.mean(s_ms) - replica_ms:.1f} ms mean in HTTP, proxy, queueing, Python)")
         print(f"  floor: GET /health via Serve p50 {pct(h_ms, 50):7.1f}  p95 {pct(h_ms, 95):7.1f}")
+        print(f"  served texts that differ from direct generate: {mismatches} of {args.http_requests}")
 
-        # --- 2. throughput: batching on vs off -------------------------------------------
+        # --- throughput: batching on vs off -------------------------------------------------
         async def load(url: str, clients: int) -> tuple[float, int, list[float]]:
             lat: list[float] = []
             tokens = 0
 
             async def client(http: httpx.AsyncClient) -> None:
                 nonlocal tokens
-                for _ in range(args.per_client):
+                for _ in range(args.http_per_client):
                     t = time.perf_counter()
                     r = await http.post(f"{url}/v1/completions", json=body)
                     r.raise_for_status()
@@ -164,24 +319,55 @@ def main() -> None:
                 await asyncio.gather(*(client(http) for _ in range(clients)))
                 return time.perf_counter() - t, tokens, lat
 
-        n = args.clients * args.per_client
-        print(f"\nthroughput, {args.clients} concurrent clients x {args.per_client} requests:")
+        n = args.http_clients * args.http_per_client
+        print(f"throughput, {args.http_clients} concurrent clients x {args.http_per_client} requests:")
         rates = {}
         for name in ("on", "off"):
             asyncio.run(load(urls[name], 2))  # warm up
             before = httpx.get(f"{urls[name]}/health").json()["stats"]
-            secs, tokens, lat = asyncio.run(load(urls[name], args.clients))
+            secs, tokens, lat = asyncio.run(load(urls[name], args.http_clients))
             after = httpx.get(f"{urls[name]}/health").json()["stats"]
-            batches = after["batches"] - before["batches"]
+            steps = after["steps"] - before["steps"]
             rates[name] = n / secs
             print(f"  batching {name:3s}: {n / secs:6.2f} req/s, {tokens / secs:7.1f} tokens/s, "
                   f"latency p50 {pct(lat, 50):6.0f} ms p95 {pct(lat, 95):6.0f} ms, "
-                  f"mean batch {(after['requests'] - before['requests']) / max(batches, 1):.1f}")
-            print(f"    last batches: {after['recent_batches']}")
+                  f"mean rows per decode pass {(after['decoded'] - before['decoded']) / max(steps, 1):.1f}")
         print(f"  speed-up from batching: {rates['on'] / rates['off']:.2f}x  (goal >= 3x)")
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: the trained debug export, else random)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-client", type=int, default=4)
+    ap.add_argument("--max-rows", type=int, default=16, help="static max_batch_size and the engine's max_rows")
+    ap.add_argument("--lone", type=int, default=8, help="lone client: sequential requests")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: a replica's)")
+    ap.add_argument("--quick", action="store_true", help="8 clients x 2 requests, lone 4")
+    ap.add_argument("--http", action="store_true", help="also part B (Ray Serve over HTTP)")
+    ap.add_argument("--http-requests", type=int, default=40, help="B: latency requests (each direct and served)")
+    ap.add_argument("--http-clients", type=int, default=8)
+    ap.add_argument("--http-per-client", type=int, default=6)
+    args = ap.parse_args()
+    if args.quick:
+        args.clients, args.per_client, args.lone = 8, 2, 4
+        args.http_requests, args.http_per_client = 10, 2
+
+    from mythos.checkpoint import load_pretrained
+    from mythos.tokenizer import load_tokenizer_from_folder
+
+    folder = model_folder(args.model)
+    torch.set_num_threads(args.threads)
+    model = load_pretrained(folder).eval()
+    tok = load_tokenizer_from_folder(folder)
+    print(f"model {folder} | torch threads {args.threads} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"params, dim {model.cfg.dim}")
+    part_a(args, model, tok)
+    if args.http:
+        part_b(args, folder, model, tok)
 
 
 if __name__ == "__main__":

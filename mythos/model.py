@@ -168,7 +168,12 @@ class Mythos(nn.Module):
         e = self.e_norm(x)
         if exit_on not in EXIT_ON:
             raise ValueError(f"exit_on must be 'all' or 'last', got {exit_on!r}")
-        if per_row:
+        counts = n_loops.tolist() if per_row else None
+        if per_row and exit_threshold is None and min(counts) == max(counts):
+            # one count for every row and no exits: the plain loop computes the same, with less bookkeeping
+            rec = self.core(e, rope, mask, counts[0], None, cache, start, None)
+            rec.loops_used = torch.full((B,), rec.loops_used, dtype=torch.long)
+        elif per_row:
             if self.training and torch.is_grad_enabled():
                 raise ValueError("a loop count per row is for inference: call under torch.no_grad() in eval mode")
             rec = self.core.forward_rows(e, rope, mask, n_loops.to(device), cache, start, exit_threshold, exit_on)

@@ -173,8 +173,9 @@ class RecurrentBlock(nn.Module):
             rows = looping.nonzero().squeeze(1)
             if len(rows) == 0:  # every row has exited early
                 break
-            every = len(rows) == B
-            pick = (lambda x: x) if every else (lambda x: x[rows])
+            every, k = len(rows) == B, len(rows)
+            prefix = every or bool(rows[-1] == k - 1)  # rows ordered deepest first: the first k
+            pick = (lambda x: x) if every else (lambda x: x[:k]) if prefix else (lambda x: x[rows])
             e_t, h_t, loops_t = pick(e), pick(h), pick(n_loops)
             rope_t = (pick(rope[0]), pick(rope[1]))
             cache_t = cache if cache is None or every else cache.select(rows)
@@ -196,7 +197,7 @@ class RecurrentBlock(nn.Module):
                 if thresholds is not None:
                     halted = ~pick(act.running).any(dim=1)
                     converged = converged | (halted & (pick(thresholds) >= 0) & ~last)
-            h = h_new if every else h.index_copy(0, rows, h_new)
+            h = h_new if every else torch.cat((h_new, h[k:])) if prefix else h.index_copy(0, rows, h_new)
             if bool(converged.any()):
                 exited = rows[converged]
                 used[exited] = t + 1

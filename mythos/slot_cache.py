@@ -54,6 +54,18 @@ class SlotCache:
         self.lengths[row] = 0
         self.loops[row] = 0
 
+    def move(self, src: int, dst: int) -> None:
+        """Move row `src` (its entries, length and loop count) into the free row `dst`; `src` is freed.
+        A scheduler keeps its rows in the order it runs them (deepest first) with this, so that every
+        pass and every loop iteration reads contiguous rows: buffer slices, not gathered copies."""
+        n = int(self.lengths[src])
+        with torch.inference_mode():  # the buffers are written in inference mode by the model
+            for bufs in self.buffers.values():
+                for buf in bufs:
+                    buf[dst, :n] = buf[src, :n]
+        self.lengths[dst], self.loops[dst] = n, self.loops[src]
+        self.release(src)
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for bufs in self.buffers.values() for b in bufs)
 
@@ -69,6 +81,11 @@ class SlotBatch:
         first = int(rows[0])
         self._contiguous = bool(torch.equal(rows, torch.arange(first, first + len(rows))))
         """Rows r..r+B-1 in order: buffers are sliced (views), not gathered (copies)."""
+        self._rows = slice(first, first + len(rows)) if self._contiguous else rows
+        lengths_list = lengths.tolist()
+        self._same_length = lengths_list[0] if min(lengths_list) == max(lengths_list) else None
+        """The rows' one length when they have one (a prefill, or rows that started together)."""
+        self._lengths_on: dict[torch.device, torch.Tensor] = {}
 
     @property
     def share_loops(self) -> bool:
@@ -94,7 +111,7 @@ class SlotBatch:
                                      "loops: the extra iterations have no keys/values for its earlier tokens")
         lengths = self.lengths.to(device)
         positions = lengths[:, None] + torch.arange(S, device=device)[None, :]
-        if bool((self.lengths == self.lengths[0]).all()):
+        if self._same_length is not None:
             mask = None  # one length: causal attention aligned to the last key is exact
         else:
             keys = torch.arange(end, device=device)
@@ -114,6 +131,8 @@ class SlotBatch:
             cache.loops[row] = n if length == 0 else min(cache.loops[row], n)
         cache.lengths[self.rows] = self.lengths + S
         self.lengths, self.span = self.lengths + S, self.span + S
+        self._same_length = None if self._same_length is None else self._same_length + S
+        self._lengths_on = {}
 
     def select(self, index: torch.Tensor) -> "SlotBatch":
         """The sub-batch of these rows at `index` (positions into this batch): the rows that take part
@@ -136,31 +155,27 @@ class RowSlot:
                 torch.zeros((cache.rows, cache.capacity, *t.shape[2:]), dtype=t.dtype, device=t.device) for t in like)
         return bufs
 
-    def _rows(self, device: torch.device) -> torch.Tensor | slice:
-        b = self.batch
-        if b._contiguous:
-            first = int(b.rows[0])
-            return slice(first, first + len(b.rows))
-        return b.rows.to(device)
-
     def update(self, start: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write `new` (each (B, S, ...)) at each row's next S positions; return every row's keys up to
         the longest row's end (B, L, ...). `start` is ignored: each row starts at its own length."""
         b, S = self.batch, new[0].shape[1]
         bufs = self._buffers(new)
-        device = new[0].device
-        lengths = b.lengths.to(device)
         end = b.span + S
-        rows = self._rows(device)
-        if b._contiguous and bool((b.lengths == b.lengths[0]).all()):
-            at = int(b.lengths[0])
+        rows = b._rows
+        if b._contiguous and b._same_length is not None:
+            at = b._same_length
             for buf, t in zip(bufs, new):
                 buf[rows, at:at + S] = t
         else:
-            pos = lengths[:, None] + torch.arange(S, device=device)[None, :]  # (B, S)
+            device = new[0].device
+            if device not in b._lengths_on:
+                b._lengths_on[device] = b.lengths.to(device)
+            pos = b._lengths_on[device][:, None] + torch.arange(S, device=device)[None, :]  # (B, S)
             r = b.rows.to(device)[:, None].expand_as(pos)
             for buf, t in zip(bufs, new):
                 buf[r, pos] = t
+        if not isinstance(rows, slice):
+            rows = rows.to(new[0].device)
         return tuple(buf[rows, :end] for buf in bufs)
 
     def copy_positions(self, src: "RowSlot", S: int) -> None:

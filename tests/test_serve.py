@@ -191,7 +191,8 @@ def test_mixed_depths_share_a_pass_and_each_row_gets_what_it_gets_alone(attn):
             occupancy.append(len(engine.rows))
     finally:
         hook.remove()
-    assert max(occupancy) == 4 and engine.queue_depth == 0 and sorted(engine.free) == [0, 1, 2, 3]
+    assert max(occupancy) == 4 and engine.queue_depth == 0 and engine.rows == []
+    assert engine.cache.lengths.tolist() == [0, 0, 0, 0]  # every row released
     for i, j in enumerate(jobs):
         text, done = j.result()
         assert (text, done.completion_tokens, done.loops_used) == (solo[i][0], solo[i][1].completion_tokens,
@@ -211,14 +212,38 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_its_row_is_reused():
     engine.add([a, b, c])
     engine.step()  # prefills a and b (a token each) and one decode pass (a second token)
     engine.step()  # a third
-    assert [r.job for r in engine.rows] == [a, b] and engine.queue_depth == 1 and not engine.free
-    slot = engine.rows[1].slot
+    assert [r.job for r in engine.rows] == [b, a] and engine.queue_depth == 1  # deepest first; c waits
     b.cancelled = True  # the client went away
     engine.step()
     assert b.result()[1].reason == "cancelled" and b.result()[1].completion_tokens == 3
-    assert [r.job for r in engine.rows] == [a, c] and engine.rows[1].slot == slot  # c took b's row
+    assert [r.job for r in engine.rows] == [c, a]  # c took the freed row, and runs deepest first
+    assert engine.cache.lengths.tolist() == [3 + 1, 3 + 3]  # c: prompt + its first token; a: 3 more
     engine.run([a, c])
     assert a.result()[1].completion_tokens == c.result()[1].completion_tokens == 20
+
+
+def test_rows_stay_deepest_first_in_contiguous_cache_rows_as_requests_come_and_go():
+    """Arrivals and departures move at most a row per loop count; every row keeps its own entries."""
+    torch.manual_seed(0)
+    model = Mythos(get_variant("debug")).eval()
+    tok = ByteTokenizer()
+    depths = [2, 8, 1, 4, 8, 2, 16, 1]
+    alone = []
+    for i, n in enumerate(depths):
+        e = Engine(model, tok, "m", max_rows=1)
+        j = e.job([65 + i, 66, 67], 3 + i, temperature=0.0, ignore_eos=True, n_loops=n)
+        e.run([j])
+        alone.append(j.result()[0])
+    engine = Engine(model, tok, "m", max_rows=5)
+    jobs = [engine.job([65 + i, 66, 67], 3 + i, temperature=0.0, ignore_eos=True, n_loops=n)
+            for i, n in enumerate(depths)]
+    for j in jobs:  # one arrival per step: rows come and go in every order
+        engine.add([j])
+        engine.step()
+        loops = [r.job.n_loops for r in engine.rows]
+        assert loops == sorted(loops, reverse=True) and [r.slot for r in engine.rows] == list(range(len(loops)))
+    engine.run(jobs)
+    assert [j.result()[0] for j in jobs] == alone
 
 
 def test_engine_cuts_at_stop_strings_and_streams_the_rest():

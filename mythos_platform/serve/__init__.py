@@ -4,7 +4,9 @@
     schemas.py        request bodies (completions, chat, tokenize) and the OpenAI-style error format
     admission.py      a request checked against the limits and turned into engine jobs (the prefix token)
     chat_template.py  the chat template of the model folder (Jinja2), or the plain default
-    engine.py         Engine (model + tokenizer, batched generation, stop strings, logprobs) and Batcher
+    jobs.py           a request's Job and the events it gets back (Delta, Finished, Failed)
+    engine.py         Engine: iteration-level batching of mixed loop depths, stop strings, logprobs
+    metrics.py        the Prometheus metrics of a replica (GET /metrics)
     logprobs.py       token logprobs from the logits, in OpenAI's completions and chat formats
     formats.py        response bodies and stream chunks of the two routes
     tokenizer_api.py  vLLM's /tokenize, /detokenize, /tokenizer_info (lm-eval's remote tokenizer)

@@ -6,17 +6,18 @@
     async for i, event in events(queue, 1): ...                     # Delta(text) ... Finished(...)
 
 Scheduling. Every request takes a row of a `mythos.slot_cache.SlotCache` (a KV cache with a length
-per row) when one is free. The engine thread repeats one step: prefill the requests that arrived
-(each alone, writing its row of the cache; its first token comes from the prefill) after dropping
-the rows of clients that went away, then run one decode pass over every running row: one token each, each
-at its own position, with its own loop count, adaptive-exit threshold and sampling settings. A row
-that finishes leaves at once and its slot takes the next request; a new request joins at the next
-step instead of waiting for a batch to finish. This is what mainstream LLM servers call continuous
-(iteration-level) batching (Orca, Yu et al., OSDI 2022; vLLM), with one thing they cannot do: rows
-of different depth share one forward pass. Rows go into the pass deepest first, and a loop
-iteration runs only the rows whose count (or convergence) has not ended (`Mythos.forward` with a
-loop count per row), so a step costs what its rows cost: rows of 1 and of 16 loops together take the
-16-loop row's iterations in time, not 17, and the shallow row is not computed past its own depth.
+per row) when one is free (`max_rows`). The engine thread repeats one step: drop the rows of
+clients that went away, prefill the requests that arrived (each alone, writing its row of the
+cache; its first token comes from the prefill), then run one decode pass over every running row:
+one token each, each at its own position, with its own loop count, adaptive-exit threshold and
+sampling settings. A row that finishes leaves at once and its row of the cache takes the next
+request; a new request joins at the next step instead of waiting for a batch to finish. This is
+what mainstream LLM servers call continuous (iteration-level) batching (Orca, Yu et al., OSDI 2022;
+vLLM), with one thing they cannot do: rows of different depth share one forward pass. The rows are
+kept deepest first, and a loop iteration runs only the rows whose count (or convergence) has not
+ended (`Mythos.forward` with a loop count per row), so those are a prefix of the batch and of the
+cache, and a shallow row is not computed past its own depth: rows of 1 and of 16 loops together
+take the 16-loop row's iterations in time, not 17.
 
 Exactness. A row attends only to its own positions and takes part only in its own iterations, so
 its greedy output equals what it gets alone (tested for mixed loop counts, exits and prompt
@@ -102,8 +103,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_rows = max_rows
         self.cache = SlotCache(max_rows, self.cfg.max_seq_len)
-        self.free = list(range(max_rows - 1, -1, -1))
         self.rows: list[_Row] = []
+        """The running rows, deepest first; rows[i] holds cache row i (see `_open_row`)."""
         self.stats = EngineStats()
         self._waiting: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
@@ -140,21 +141,25 @@ class Engine:
     def add(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (thread-safe); they are prefilled at the next step with a free row."""
         for j in jobs:
+            if j._submitted:
+                raise ValueError("a job can be submitted once (make a new one with Engine.job)")
             if not j.prompt_ids:
                 raise ValueError("prompt is empty: need at least one token")
             if len(j.prompt_ids) + j.max_tokens > self.cfg.max_seq_len:
                 raise ValueError(f"prompt ({len(j.prompt_ids)} tokens) + max_tokens ({j.max_tokens}) exceeds "
                                  f"max_seq_len={self.cfg.max_seq_len}")
+        for j in jobs:
+            j._submitted = True
         with self._wake:
             self._waiting.extend(jobs)
             self._wake.notify()
 
     def run(self, jobs: Sequence[Job]) -> None:
         """Generate for the jobs in this thread, stepping until all have finished (tests, benchmarks;
-        not while the stepping thread runs)."""
+        not while the stepping thread runs). Jobs already added are not added again."""
         if self._thread is not None:
             raise RuntimeError("the engine's thread is running: use submit()")
-        self.add(jobs)
+        self.add([j for j in jobs if not j._submitted])
         while not all(j.done for j in jobs):
             self.step()
 
@@ -200,7 +205,7 @@ class Engine:
         for row in [r for r in self.rows if r.job.cancelled]:
             row.finish("cancelled", "")
             self._release(row)
-        while self.free:
+        while len(self.rows) < self.max_rows:
             with self._wake:
                 job = self._waiting.popleft() if self._waiting else None
             if job is None:
@@ -213,7 +218,7 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, job: Job) -> None:
-        slot = self.free.pop()
+        slot = self._open_row(job.n_loops)
         t0 = time.perf_counter()
         try:
             out = self.model(torch.tensor([job.prompt_ids], device=self.device), cache=self.cache.batch([slot]),
@@ -222,8 +227,7 @@ class Engine:
                              last_logits_only=job.score_prompt_from is None)
         except Exception as exc:  # a failing request fails alone
             log.exception("prefill failed for a prompt of %d tokens", len(job.prompt_ids))
-            self.cache.release(slot)
-            self.free.append(slot)
+            self._close_row(slot)
             job.emit(Failed(exc))
             return
         seconds = time.perf_counter() - t0
@@ -238,21 +242,21 @@ class Engine:
         if job.score_prompt_from is not None:
             row.entries += prompt_logprobs(out.logits[0], job.prompt_ids, job.score_prompt_from, job.logprobs or 0)
         loops = int(out.loops_used[0])
+        self.rows[slot] = row
         if job.max_tokens == 0:  # echo only: the prompt was scored by the prefill
             row.loops = loops
             row.finish("length", "")
             self._release(row)
             return
-        self.rows.append(row)
         self._take([row], out.logits[:, -1], [loops])
 
     @torch.inference_mode()
     def _decode(self) -> None:
-        rows = sorted(self.rows, key=lambda r: -r.job.n_loops)  # deepest first: iterations run prefixes
+        rows = list(self.rows)  # deepest first, in cache rows 0..n-1: every iteration runs a prefix
         t0 = time.perf_counter()
         try:
             out = self.model(torch.tensor([[r.last] for r in rows], device=self.device),
-                             cache=self.cache.batch([r.slot for r in rows]),
+                             cache=self.cache.batch(range(len(rows))),
                              n_loops=torch.tensor([r.job.n_loops for r in rows], device=self.device),
                              exit_threshold=_thresholds([r.job for r in rows], self.device), last_logits_only=True)
         except Exception as exc:  # noqa: BLE001 - the rows of this pass fail, the engine goes on
@@ -285,12 +289,49 @@ class Engine:
                 self._release(row)
 
     def _release(self, row: "_Row") -> None:
-        if row in self.rows:
-            self.rows.remove(row)
         if row.finished and row.job.max_tokens:
             self.stats.note("request_loops", row.loops / max(row.n, 1))
-        self.cache.release(row.slot)
-        self.free.append(row.slot)
+        if row.slot < len(self.rows) and self.rows[row.slot] is row:
+            self._close_row(row.slot)
+
+    # --- keeping the rows in order ----------------------------------------------------------------
+    # The rows sit in cache rows 0..n-1 ordered deepest first, so that a decode pass, and each loop
+    # iteration in it (the rows whose count has not ended), reads a contiguous block of the cache:
+    # buffer slices instead of gathered copies of every row's keys at every iteration. A row that
+    # arrives or leaves moves at most one row per distinct loop count (`SlotCache.move`).
+    def _open_row(self, depth: int) -> int:
+        """Make a free cache row at the place of a new row of `depth` loops; returns it."""
+        rows = self.rows
+        rows.append(None)  # the hole, at the end
+        hole = len(rows) - 1
+        while hole > 0 and rows[hole - 1].job.n_loops < depth:  # a shallower class sits before the hole
+            first = hole - 1
+            while first > 0 and rows[first - 1].job.n_loops == rows[hole - 1].job.n_loops:
+                first -= 1
+            self._move(first, hole)  # the class's first row to its end: the hole moves up a class
+            hole = first
+        return hole
+
+    def _close_row(self, slot: int) -> None:
+        """Free cache row `slot` and close the gap: the last row of each later class moves up."""
+        rows = self.rows
+        rows[slot] = None
+        self.cache.release(slot)
+        hole = slot
+        while hole < len(rows) - 1:
+            depth = rows[hole + 1].job.n_loops
+            last = hole + 1
+            while last + 1 < len(rows) and rows[last + 1].job.n_loops == depth:
+                last += 1
+            self._move(last, hole)
+            hole = last
+        rows.pop()
+
+    def _move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+        row = self.rows[dst] = self.rows[src]
+        self.rows[src] = None
+        row.slot = dst
 
 
 def _thresholds(jobs: Sequence[Job], device: torch.device) -> torch.Tensor | None:

@@ -66,6 +66,7 @@ class Job:
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _queue: asyncio.Queue | None = field(default=None, repr=False)
     _index: int = field(default=0, repr=False)
+    _submitted: bool = field(default=False, repr=False)
     events: list = field(default_factory=list, repr=False)
     """Events of a job run without a queue (`Engine.run`)."""
 

@@ -303,7 +303,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         tracker.end("KILLED")
         raise
     if interrupted.is_set():  # Tune stopped the trials, saved its state and returned
-        _release_leftovers(tracker)
+        _release_leftovers(tracker, interrupted=True)
         tracker.end("KILLED")
         # Tune marks the stopped trials TERMINATED too: unfinished is what did not report completion
         unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("completed"))
@@ -421,19 +421,22 @@ def _log_results(tracker: Tracker, cfg: SweepConfig, params: list[Param], rows: 
                          **({f"best_{metric}": best["metric"]} if best else {})}, step=0)
 
 
-def _release_leftovers(tracker: Tracker) -> tuple[Leftovers, list[str]]:
+def _release_leftovers(tracker: Tracker, interrupted: bool = False) -> tuple[Leftovers, list[str]]:
     """What the trials left on the cluster, after releasing the placement groups of stopped trials
     whose clean-up Ray missed (returned as the second item). The check reads the cluster through the
     dashboard's state API; when that does not answer (an overloaded head), the sweep is not failed
-    for it: a warning says so."""
+    for it: a warning says so. After Ctrl-C every trial has stopped, so the job's placement groups
+    are released at once instead of after a wait for Ray's own clean-up (the user is waiting)."""
     released: list[str] = []
     try:
-        left = leftovers(timeout_s=10.0)
-        if left.placement_groups:
+        if interrupted:
             released = release_job_placement_groups()
+        left = leftovers(timeout_s=3.0 if interrupted else 10.0)
+        if left.placement_groups:
+            released += release_job_placement_groups()
             log.warning("released %d placement groups that stopped trials left behind: %s", len(released),
                         released)
-            left = leftovers(timeout_s=10.0)
+            left = leftovers(timeout_s=3.0 if interrupted else 10.0)
     except Exception as exc:  # the state API timed out or is unavailable
         log.warning("could not check what the trials left on the cluster (Ray's state API: %s)", exc)
         return Leftovers(), released
