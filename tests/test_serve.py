@@ -578,6 +578,38 @@ def test_loop_count_and_adaptive_exit_change_the_computation(server):
 
 
 @pytest.mark.ray
+def test_a_client_that_disconnects_frees_its_row_and_the_others_go_on(server):
+    """A streaming client goes away after its first chunk: its row leaves the engine at a following
+    step (it does not generate its 60 tokens), while a request running beside it completes."""
+    import threading
+
+    import httpx
+
+    long = {"model": "tiny", "prompt": "far away", "max_tokens": 60, "temperature": 0, "n_loops": 12,
+            "ignore_eos": True, "stream": True}
+    before = httpx.get(f"{server}/health").json()["stats"]
+    other: dict = {}
+
+    def neighbour() -> None:
+        other["resp"] = httpx.post(f"{server}/v1/completions", headers=_headers(), timeout=120, json={
+            **long, "stream": False, "max_tokens": 40, "n_loops": 2})
+
+    thread = threading.Thread(target=neighbour)
+    thread.start()
+    with httpx.stream("POST", f"{server}/v1/completions", headers=_headers(), timeout=60, json=long) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first chunk, then the client hangs up
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server}/health").json()["stats"]["running_rows"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    thread.join(120)
+    after = httpx.get(f"{server}/health").json()["stats"]
+    assert after["running_rows"] == 0 and after["requests"] - before["requests"] == 2
+    assert other["resp"].status_code == 200 and other["resp"].json()["usage"]["completion_tokens"] == 40
+    assert after["tokens"] - before["tokens"] < 40 + 60  # the cancelled row stopped early
+
+
+@pytest.mark.ray
 def test_stop_strings_seed_and_prompt_lists(server):
     import httpx
 
