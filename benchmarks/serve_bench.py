@@ -22,6 +22,9 @@ A. In process, no Ray (the main figure). The same request list runs against
       each and new/old (goal: new not worse, i.e. <= 1).
    3. The new engine's rows per decode pass during the mixed run (`engine.stats.occupancy`):
       mean, max, and the mean per tenth of the run.
+   4. What one decode pass costs by rows and depth, and 16 rows of mixed depth in one pass against
+      one pass per depth (the old batcher's groups): on a small model a loop iteration costs
+      nearly the same for 1 row as for 16, which caps what sharing a pass can gain.
    Also counts requests whose greedy text differs between the two (expected 0).
 B. `--http` (off by default): what Ray Serve adds to a request's latency, and batching on/off over
    HTTP (a private local Ray on 127.0.0.1, apps /on and /off; "off" is `batching: {enabled: false}`,
@@ -222,6 +225,30 @@ def part_a(args, model, tok) -> None:
             bins[min(9, int((t - t0) / (t1 - t0) * 10))].append(k)
         means = [statistics.mean(b) if b else 0.0 for b in bins]
         print("  mean rows per tenth of the run: " + " ".join(f"{m:4.1f}" for m in means))
+    pass_costs(model)
+
+
+def pass_costs(model, context: int = 40, reps: int = 20) -> None:
+    """4. What one decode pass costs by rows and depth (main thread): why sharing passes is capped."""
+    from mythos.slot_cache import SlotCache
+
+    def ms(loops: list[int]) -> float:
+        cache = SlotCache(len(loops), context + reps + 2)
+        with torch.inference_mode():
+            for i, n in enumerate(loops):
+                model(torch.randint(0, 256, (1, context)), n_loops=torch.tensor([n]), cache=cache.batch([i]))
+            ids, counts = torch.randint(0, 256, (len(loops), 1)), torch.tensor(loops)
+            t = time.perf_counter()
+            for _ in range(reps):
+                model(ids, n_loops=counts, cache=cache.batch(range(len(loops))))
+        return (time.perf_counter() - t) / reps * 1000
+
+    mixed = sorted([16, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1, 1], reverse=True)
+    groups = sum(ms([n] * mixed.count(n)) for n in sorted(set(mixed), reverse=True))
+    print(f"\n4. one decode pass ({context} positions cached), ms: 16 loops x 1 row {ms([16]):.1f}, x 4 rows "
+          f"{ms([16] * 4):.1f}, x 16 rows {ms([16] * 16):.1f}; 16 rows of mixed depth (1-16) in one pass "
+          f"{ms(mixed):.1f} vs the same rows as one pass per depth {groups:.1f} "
+          f"(at most sum/max depth = {sum(sorted(set(mixed))) / 16:.2f}x where a pass costs its deepest row)")
 
 
 # ---------------------------------------------------------------------------------------
