@@ -1,8 +1,11 @@
 """lm-eval's command line with the `mythos` model registered and the local tasks on the path.
 
-    python -m evals.cli --model mythos --model_args pretrained=runs/debug/export/debug,n_loops=8 \\
+    mythos-lm-eval --model mythos --model_args pretrained=runs/debug/export/debug,n_loops=8 \\
         --tasks multihop_k2,multihop_choice --limit 50
-    python -m evals.cli run --model mythos --model_args pretrained=models:/mythos-rdt@champion ...
+    mythos-lm-eval run --model mythos --model_args pretrained=models:/mythos-rdt@champion ...
+
+`mythos-lm-eval` is this module's console script (pyproject [project.scripts]); `python -m
+evals.cli` is the same command.
 
 Every argument is lm-eval's (`python -m evals.cli run --help`). What the wrapper adds:
 - the model `mythos` (lm-eval 0.4.13 has no plugin entry point for models, so it must be

@@ -158,7 +158,9 @@ def test_cli_unknown_task_and_model_fail_clearly(demo, capsys):
 
 
 def test_cli_runs_a_local_task(demo, tmp_path):
-    cmd = [sys.executable, "-m", "evals.cli", "--model", "mythos", "--model_args", f"pretrained={demo},n_loops=2",
+    script = Path(sys.executable).with_name("mythos-lm-eval")  # pyproject [project.scripts]: python -m evals.cli
+    assert script.is_file()
+    cmd = [str(script), "--model", "mythos", "--model_args", f"pretrained={demo},n_loops=2",
            "--tasks", "multihop_k1", "--limit", "8", "--output_path", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -512,7 +512,7 @@ def test_stock_lm_eval_local_completions_scores_as_the_in_process_adapter(server
     multiple-choice task: lm-eval tokenizes through the server's /tokenize (`tokenizer_backend=remote`),
     sends token ids with echo and logprobs, and reads the continuation's logprobs. Every choice's
     loglikelihood equals the in-process `mythos` adapter's on the same model folder to 1e-4 (the same
-    float32 function of the same tokens; the server's left-padded, cached prefill sums in another
+    float32 function of the same tokens; the server's cached prefill sums in another
     order, ~1e-6), and so the accuracy is identical."""
     import subprocess
     import sys
