@@ -131,6 +131,12 @@ def ctrl_c(config: Path, root: Path, port: int, until: str, after_s: float = 0.0
     return Launch(proc.returncode, "".join(lines) + rest, _alive(pids), seconds)
 
 
+def own_warnings(output: str) -> list[str]:
+    """Warnings raised from this repository's code (not from an installed library): `path:line: XWarning`."""
+    own = re.compile(rf"{re.escape(str(ROOT))}/(?!\.venv/)[^\s:]+\.py:\d+: \w*Warning")
+    return [line for line in output.splitlines() if own.search(line)]
+
+
 def runs_by_status(root: Path) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
@@ -168,6 +174,7 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
         assert "the same command goes on from there" in launch.output
         assert launch.left == [], (stage, launch.left)
         assert "Traceback" not in launch.output.split(stopped)[-1]  # the message, not a stack
+        assert own_warnings(launch.output) == [], stage  # the project's own code warns about nothing
 
     # 1. pretraining (looped model and baseline side by side): the looped model's MLflow run KILLED
     launch = ctrl_c(config, root, port, r"\[mythos\] step +200/600")
@@ -202,6 +209,7 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
     assert launch.rc == 0, out[-4000:]
     assert "[mythos pipeline] endpoint stopped." in out and launch.left == []
     assert "press Ctrl-C (or `ray job stop <id>`) to stop it" in out
+    assert own_warnings(out) == []
     assert runs_by_status(root)["pipeline-eval"] == "FINISHED"
 
     # what the demo is for, after all the interruptions. The registry compared the pretrained model
