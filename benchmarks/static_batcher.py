@@ -28,7 +28,8 @@ from typing import Sequence
 
 from mythos.generation import SamplingParams, stream
 from mythos.stop import StopTracker
-from mythos_platform.serve.jobs import Delta, Failed, Finished, Job, events
+from mythos_platform.serve.engine import _Row as Row
+from mythos_platform.serve.jobs import Failed, Job, events
 
 __all__ = ["Batcher", "StaticEngine", "events"]
 
@@ -50,6 +51,7 @@ class StaticEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
+        self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.eos_id = tokenizer.eos_id
         self.busy_s = 0.0
@@ -102,14 +104,16 @@ class StaticEngine:
     def _run_group(self, jobs: list[Job]) -> None:
         params = self._params(jobs)
         self.groups_run += 1
-        rows = [_Row(j, StopTracker(self.tokenizer.decode, j.stop, params.stop_tokens)) for j in jobs]
+        # the engine's own per-job bookkeeping (text held back, counts, Finished): only the scheduling differs
+        tracker = (lambda j: StopTracker(self.tokenizer.decode, j.stop, params.stop_tokens))
+        rows = [Row(j, 0, tracker(j), self.device) for j in jobs]
         active = set(range(len(jobs)))
         steps = stream(self.model, [j.prompt_ids for j in jobs], params, self.pad_id)
         try:
             for step in steps:
                 toks = step.tokens.tolist()
                 for i in sorted(active):
-                    if rows[i].job.cancelled or rows[i].add(toks[i], step.loops_used):
+                    if rows[i].job.cancelled or rows[i].add(toks[i], step.loops_used, None):
                         active.discard(i)
                 if not active:
                     break
@@ -117,38 +121,6 @@ class StaticEngine:
             steps.close()
         for i in sorted(active):  # the stream ended early (cache full): report what there is
             rows[i].finish("length", rows[i].tracker.flush())
-
-
-class _Row:
-    """One job's state while its group generates."""
-
-    def __init__(self, job: Job, tracker: StopTracker) -> None:
-        self.job, self.tracker = job, tracker
-        self.held = ""
-        self.n = 0
-        self.loops = 0
-
-    def add(self, token: int, loops_used: int) -> bool:
-        """Take the step's token; True once the job has finished (Finished sent)."""
-        job = self.job
-        self.loops += loops_used
-        self.n += 1
-        text, stopped = self.tracker.add(token)
-        if stopped:
-            self.finish("stop", text)
-            return True
-        if self.n >= job.max_tokens:
-            self.finish("length", text + self.tracker.flush())
-            return True
-        if job.stream and text:
-            job.emit(Delta(self.held + text))
-            self.held = ""
-        else:
-            self.held += text
-        return False
-
-    def finish(self, reason: str, text: str) -> None:
-        self.job.emit(Finished(reason, self.n, self.loops / max(self.n, 1), self.held + text))
 
 
 class Batcher:

@@ -47,12 +47,11 @@ class ACTState:
         self.remainder = like.new_zeros(B, S, dtype=torch.float32)  # R (differentiable)
 
     def step(self, h: torch.Tensor, last: bool | torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Account for the state h (B, S, D) after one iteration. `last` may be a (B,) tensor (rows at
-        their own last iteration); with `rows`, h holds only those rows of the batch (the rows still
-        looping when their neighbours have stopped)."""
-        if rows is None and isinstance(last, bool):
-            self._step(h, last)
-            return
+        """Account for the state h (B, S, D) after one iteration. `last`: this is the last iteration,
+        or a (B,) tensor of the rows at their own last one; with `rows`, h holds only those rows of
+        the batch (the rows still looping when their neighbours have stopped). A position halts when
+        its cumulative probability would reach the threshold, or at the last iteration, and takes the
+        remainder as its weight."""
         pick = (lambda x: x) if rows is None else (lambda x: x[rows])
         running, cum = pick(self.running), pick(self.cum)
         last = torch.as_tensor(last, device=h.device).reshape(-1, 1)  # (B or 1, 1)
@@ -67,23 +66,6 @@ class ACTState:
                "running": running & ~halt}
         for name, value in new.items():
             setattr(self, name, value if rows is None else getattr(self, name).index_copy(0, rows, value))
-
-    def _step(self, h: torch.Tensor, last: bool) -> None:
-        """Account for the state h (B, S, D) after one iteration."""
-        running = self.running
-        remaining = 1.0 - self.cum
-        if last:
-            halt = running
-            w = torch.where(running, remaining, torch.zeros_like(remaining))
-        else:
-            p = self.act.halting_prob(h)
-            halt = running & (self.cum + p >= self.act.threshold)
-            w = torch.where(halt, remaining, torch.where(running, p, torch.zeros_like(p)))
-        self.steps = self.steps + running.float()
-        self.remainder = torch.where(halt, remaining, self.remainder)
-        self.cum = self.cum + w
-        self.output = self.output + w.unsqueeze(-1).to(h.dtype) * h
-        self.running = running & ~halt
 
     @property
     def all_halted(self) -> bool:

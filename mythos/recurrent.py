@@ -51,6 +51,14 @@ class RecurrentOutput:
     loop_states: list[torch.Tensor] = field(default_factory=list)
 
 
+def state_change(h_new: torch.Tensor, h: torch.Tensor, exit_on: str) -> torch.Tensor:
+    """|h_new - h| / |h_new| per position (B, S), or of each row's last position only (B, 1) with
+    exit_on="last": what the adaptive exit compares with its threshold."""
+    if exit_on == "last":
+        h_new, h = h_new[:, -1:], h[:, -1:]
+    return (h_new - h).float().norm(dim=-1) / h_new.float().norm(dim=-1).clamp_min(1e-6)
+
+
 class RecurrentBlock(nn.Module):
     def __init__(self, cfg: MythosConfig) -> None:
         super().__init__()
@@ -119,9 +127,7 @@ class RecurrentBlock(nn.Module):
                 last = t == n_loops - 1
                 converged = False
                 if exit_threshold is not None and not last and not grad:
-                    a, b = (h_new[:, -1:], h[:, -1:]) if exit_on == "last" else (h_new, h)
-                    change = (a - b).float().norm(dim=-1) / a.float().norm(dim=-1).clamp_min(1e-6)
-                    converged = bool(change.max() < exit_threshold)
+                    converged = bool(state_change(h_new, h, exit_on).max() < exit_threshold)
                 if act is not None:
                     act.step(h_new, last=last or converged)
                     if exit_threshold is not None and not grad and act.all_halted:
@@ -189,9 +195,7 @@ class RecurrentBlock(nn.Module):
             last = loops_t == t + 1
             converged = torch.zeros_like(last)
             if thresholds is not None:
-                a_, b_ = (h_new[:, -1:], h_t[:, -1:]) if exit_on == "last" else (h_new, h_t)
-                change = (a_ - b_).float().norm(dim=-1) / a_.float().norm(dim=-1).clamp_min(1e-6)
-                converged = (change.amax(dim=1) < pick(thresholds)) & ~last
+                converged = (state_change(h_new, h_t, exit_on).amax(dim=1) < pick(thresholds)) & ~last
             if act is not None:
                 act.step(h_new, last | converged, None if every else rows)
                 if thresholds is not None:
@@ -202,19 +206,11 @@ class RecurrentBlock(nn.Module):
                 exited = rows[converged]
                 used[exited] = t + 1
                 if cache is not None and not cache.share_loops:
-                    self._fill_skipped_rows(cache.select(exited), t, int(n_loops[exited].max()), e.shape[1])
+                    self._fill_skipped(cache.select(exited), t, int(n_loops[exited].max()), start, start + e.shape[1])
             looping[rows[last | converged]] = False
         out = act.output if act is not None else h
         ponder = act.ponder_cost() if act is not None else None
         return RecurrentOutput(out, aux, ponder, used)
-
-    def _fill_skipped_rows(self, cache: SlotBatch, t: int, n_loops: int, S: int) -> None:
-        """Rows that exited at iteration t: their later iterations' entries at the new positions are
-        iteration t's (the rule `_fill_skipped` applies to a whole batch)."""
-        for j in range(len(self.layers)):
-            src = cache.slot("core", j, t)
-            for later in range(t + 1, n_loops):
-                cache.slot("core", j, later).copy_positions(src, S)
 
     def step(self, u: torch.Tensor, t: int, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
              cache: KVCache | SlotBatch | None, start: int, memory: DepthMemory | None,
@@ -233,8 +229,9 @@ class RecurrentBlock(nn.Module):
             update = update + self.lora(u, t)
         return update, aux
 
-    def _fill_skipped(self, cache: KVCache, t: int, n_loops: int, start: int, end: int) -> None:
-        """After an exit at iteration t: later iterations' slots get iteration t's entries (positions start..end-1)."""
+    def _fill_skipped(self, cache: KVCache | SlotBatch, t: int, n_loops: int, start: int, end: int) -> None:
+        """After an exit at iteration t: later iterations' slots get iteration t's entries (positions
+        start..end-1; in a SlotBatch, each exited row's own newest end - start positions)."""
         for j in range(len(self.layers)):
             src = cache.slot("core", j, t)
             for later in range(t + 1, n_loops):

@@ -178,10 +178,11 @@ class RowSlot:
             rows = rows.to(new[0].device)
         return tuple(buf[rows, :end] for buf in bufs)
 
-    def copy_positions(self, src: "RowSlot", S: int) -> None:
-        """This slot's entries at the rows' newest S positions from another loop's slot (after a row
-        exits the loop early: later iterations get the last computed entries, Huginn's rule)."""
-        b = self.batch
+    def copy_positions(self, src: "RowSlot", start: int, end: int) -> None:
+        """This slot's entries at the rows' newest end - start positions from another loop's slot
+        (after a row exits the loop early: later iterations get the last computed entries, Huginn's
+        rule). As in `update`, `start` is the batch's, and each row's positions are its own."""
+        b, S = self.batch, end - start
         src_bufs = src.batch.cache.buffers[src.key]
         dst_bufs = self._buffers([t[:1] for t in src_bufs])
         for row, length in zip(b.rows.tolist(), b.lengths.tolist()):
