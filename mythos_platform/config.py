@@ -342,6 +342,17 @@ class TrainConfig(Section):
     (deep supervision of the whole chain)."""
     loop_loss_weights: Literal["uniform", "linear"] = "uniform"
     """trajectory: weights of the per-loop losses (linear: later loops weigh more)."""
+    activation_checkpointing: Literal["none", "block", "iteration"] = "none"
+    """Recompute activations in the backward pass instead of keeping them. none: keep all;
+    block: checkpoint every transformer block call (prelude, coda, and each core layer at each
+    differentiated loop iteration); iteration: checkpoint each differentiated loop iteration's
+    whole stack of core layers (prelude and coda blocks as in `block`)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile of the transformer block the loop runs (compiled once, reused by every
+    iteration and loop count). auto: on where it is measured to help (see docs/performance.md)."""
+    expert_parallel: int = 1
+    """Expert-parallel degree: routed experts sharded over groups of this many workers with
+    all-to-all token dispatch; 1 = off. Must divide scaling.num_workers and the model's n_experts."""
     init_from: str | None = None
     """A model folder (config.json + model.safetensors) to start from instead of a random
     initialisation; parameters the folder lacks (e.g. a depth-wise LoRA added by a sweep) keep
@@ -359,6 +370,7 @@ class TrainConfig(Section):
         self.need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
         self.need(self.eval_every >= 0, "eval_every", "must be >= 0 (0 disables)", self.eval_every)
         self.need(self.ponder_cost >= 0, "ponder_cost", "must be >= 0", self.ponder_cost)
+        self.need(self.expert_parallel >= 1, "expert_parallel", "must be >= 1 (1 = off)", self.expert_parallel)
 
 
 class CheckpointConfig(Section):
@@ -461,6 +473,14 @@ class PretrainConfig(Section):
             self.need(self.data.pair_embedding != "factored", "data.pair_embedding",
                       "factored is not supported with train.parallelism=fsdp yet (use ddp, or token)",
                       self.data.pair_embedding)
+        if self.train.expert_parallel > 1:
+            ep = self.train.expert_parallel
+            self.need(model.use_moe, "train.expert_parallel", "must be 1 for a model without routed experts "
+                      "(model n_experts=0)", ep)
+            self.need(model.n_experts % ep == 0, "train.expert_parallel",
+                      f"must divide the model's n_experts={model.n_experts}", ep)
+            self.need(self.scaling.num_workers % ep == 0, "train.expert_parallel",
+                      f"must divide scaling.num_workers={self.scaling.num_workers}", ep)
         if self.train.init_from:
             self.need(Path(self.train.init_from, "model.safetensors").is_file(), "train.init_from",
                       "is not a model folder (config.json + model.safetensors)", self.train.init_from)
