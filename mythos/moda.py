@@ -137,7 +137,10 @@ class DepthMemory:
             self.keys[j].append(k)
             self.values[j].append(v)
 
-    def read(self, layer: int, rows: torch.Tensor | None = None) -> Depth:
-        """Layer `layer`'s entries, oldest first: (B, S, T, Hkv, hd) keys and values (of `rows` only)."""
-        k, v = torch.stack(self.keys[layer], dim=2), torch.stack(self.values[layer], dim=2)
+    def read(self, layer: int, rows: torch.Tensor | None = None, count: int | None = None) -> Depth:
+        """Layer `layer`'s entries, oldest first: (B, S, T, Hkv, hd) keys and values (of `rows` only);
+        `count`: only the first `count` entries (what iteration count - 1 reads, also when it is run
+        again after later iterations have written theirs, as activation checkpointing does)."""
+        keys, values = self.keys[layer][:count], self.values[layer][:count]
+        k, v = torch.stack(keys, dim=2), torch.stack(values, dim=2)
         return (k, v) if rows is None else (k[rows], v[rows])

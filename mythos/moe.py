@@ -72,6 +72,22 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: _Groups) -> torch.
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 
+def _swiglu_experts(x_sorted: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    groups = _Groups(counts)
+    gate, up = _grouped_matmul(x_sorted, w13, groups).chunk(2, dim=-1)
+    return _grouped_matmul(F.silu(gate) * up, w2, groups)
+
+
+_swiglu_experts_eager = torch.compiler.disable(_swiglu_experts)
+
+
+def _grouped_mm_traceable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether torch.compile can trace the grouped expert matmuls: its shape function for grouped_mm
+    mirrors the CUDA kernel and takes bf16 only, and the per-slice path reads sizes to the host."""
+    return x.dtype == torch.bfloat16 and _grouped_mm_fits(x, w13) and w2.shape[-1] % 8 == 0 \
+        and w2.shape[-2] % 8 == 0
+
+
 class MoE(nn.Module):
     def __init__(
         self,
@@ -115,9 +131,10 @@ class MoE(nn.Module):
 
     def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Every expert's SwiGLU on its contiguous slice of x_sorted (rows sorted by expert)."""
-        groups = _Groups(counts)
-        gate, up = _grouped_matmul(x_sorted, self.w13, groups).chunk(2, dim=-1)
-        return _grouped_matmul(F.silu(gate) * up, self.w2, groups)
+        run = _swiglu_experts
+        if torch.compiler.is_compiling() and not _grouped_mm_traceable(x_sorted, self.w13, self.w2):
+            run = _swiglu_experts_eager  # one graph break: this part runs eagerly inside a compiled block
+        return run(x_sorted, counts, self.w13, self.w2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> (output (B, S, D), auxiliary loss (scalar, 0 when disabled))."""

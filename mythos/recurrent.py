@@ -105,7 +105,6 @@ class RecurrentBlock(nn.Module):
         keep_loop_states: bool = False,
         exit_on: str = "all",
     ) -> RecurrentOutput:
-        cfg = self.cfg
         grad = torch.is_grad_enabled()
         first_grad = max(0, n_loops - bptt_depth) if (grad and bptt_depth is not None) else 0
         h = self.initial_state(e)
@@ -120,10 +119,8 @@ class RecurrentBlock(nn.Module):
             with ctx:
                 if memory is not None:  # MoDA: e first, then the state each iteration starts from
                     memory.write(self.depth_writer(e if t == 0 else h, rope))
-                u = self.in_norm(h + loop_index_embedding(t, cfg.loop_emb_dim, cfg.dim, e.device, e.dtype) + e)
-                update, a = self.step(u, t, rope, mask, cache, start, memory)
+                h_new, a = self.iteration(h, e, t, rope, mask, cache, start, memory)
                 aux = aux + a
-                h_new = self.injection(h, e, update)
                 last = t == n_loops - 1
                 converged = False
                 if exit_threshold is not None and not last and not grad:
@@ -163,7 +160,7 @@ class RecurrentBlock(nn.Module):
         its rows cost, not its deepest row times its size, and each row's result, state and cache
         entries are what it would get alone. The rows still looping only shrink from one iteration
         to the next; when rows are ordered deepest first they are a prefix (cache slices, no copies)."""
-        cfg, B = self.cfg, e.shape[0]
+        B = e.shape[0]
         if isinstance(cache, KVCache) and bool((n_loops != n_loops[0]).any()):
             raise ValueError("loop counts per row need a SlotCache (KVCache rows share one loop count)")
         h = self.initial_state(e)
@@ -187,11 +184,9 @@ class RecurrentBlock(nn.Module):
             cache_t = cache if cache is None or every else cache.select(rows)
             if memory is not None:
                 memory.write(self.depth_writer(e_t if t == 0 else h_t, rope_t), None if every else rows, B)
-            u = self.in_norm(h_t + loop_index_embedding(t, cfg.loop_emb_dim, cfg.dim, e.device, e.dtype) + e_t)
-            update, a = self.step(u, t, rope_t, None if mask is None else pick(mask), cache_t, start, memory,
-                                  None if every else rows)
+            h_new, a = self.iteration(h_t, e_t, t, rope_t, None if mask is None else pick(mask), cache_t, start,
+                                      memory, None if every else rows)
             aux = aux + a
-            h_new = self.injection(h_t, e_t, update)
             last = loops_t == t + 1
             converged = torch.zeros_like(last)
             if thresholds is not None:
@@ -212,6 +207,20 @@ class RecurrentBlock(nn.Module):
         ponder = act.ponder_cost() if act is not None else None
         return RecurrentOutput(out, aux, ponder, used)
 
+    def iteration(self, h: torch.Tensor, e: torch.Tensor, t: int, rope: tuple[torch.Tensor, torch.Tensor],
+                  mask: torch.Tensor | None, cache: KVCache | SlotBatch | None, start: int,
+                  memory: DepthMemory | None, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loop iteration t: state h (B, S, D) -> (next state, aux loss), the injection included.
+
+        The unit a wrapper may replace on an instance (`block.iteration = wrapped`): activation
+        checkpointing runs it again in the backward pass (mythos_platform/train/activation_checkpointing.py),
+        so it reads nothing that changes after the call (MoDA: only the t + 1 depth entries written
+        before it)."""
+        emb = loop_index_embedding(t, self.cfg.loop_emb_dim, self.cfg.dim, e.device, e.dtype)
+        u = self.in_norm(h + emb + e)
+        update, a = self.step(u, t, rope, mask, cache, start, memory, rows)
+        return self.injection(h, e, update), a
+
     def step(self, u: torch.Tensor, t: int, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
              cache: KVCache | SlotBatch | None, start: int, memory: DepthMemory | None,
              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +229,7 @@ class RecurrentBlock(nn.Module):
         x, update, aux = u, None, u.new_zeros((), dtype=torch.float32)
         for j, layer in enumerate(self.layers):
             slot = cache.slot("core", j, t) if cache is not None else None
-            depth = memory.read(j, rows) if memory is not None else None
+            depth = memory.read(j, rows, t + 1) if memory is not None else None
             d, a = layer(x, rope, mask, slot, start, depth)
             x = x + d
             update = d if update is None else update + d

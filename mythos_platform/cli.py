@@ -102,6 +102,8 @@ def parser(jobs: dict[str, Job] = JOBS, only: str | None = None) -> argparse.Arg
         for flag, key, text in job.flags:
             ap.add_argument(flag, dest="overrides", action="append", type=_flag_value(key), metavar="VALUE",
                             help=f"{text}; the same as --set {key}=VALUE")
+        ap.add_argument("--verbose", action="store_true",
+                        help="show every library's output here too (by default it goes to <run root>/logs/)")
         if job.options:
             job.options(ap)
     return top
@@ -117,19 +119,35 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .console import route_output
     from .train.loop import NonFiniteLossError
 
+    log = route_output(_run_root(cfg), args.job, args.verbose)
     try:
         return int(_load(job.run)(cfg, args) or 0)
     except NonFiniteLossError as exc:  # a run stopped on an error a retry would repeat: no traceback
         print(f"error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
         return 1
+    except Exception:
+        if log is not None:
+            print(f"[mythos] the libraries' side of this error is in {log}", file=sys.stderr, flush=True)
+        raise
     except KeyboardInterrupt as exc:  # Ctrl-C: what was stopped and how to go on, if the job says
         # the exit still shuts the job's Ray down; another SIGINT meanwhile (a second press, or the
         # terminal's Ctrl-C stopping the cluster's processes under it) ends the process at once, as 130
         signal.signal(signal.SIGINT, lambda *_: os._exit(130))
         print(f"\n[mythos] interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr, flush=True)
         return 130
+
+
+def _run_root(cfg: Any) -> str:
+    """Where a job's files go (its `root`, `run.root` or `run_root`); ./runs for a job without one."""
+    for get in (lambda c: c.root, lambda c: c.run.root, lambda c: c.run_root):
+        try:
+            return str(get(cfg))
+        except AttributeError:
+            continue
+    return "./runs"
 
 
 def run_job(name: str, argv: list[str] | None = None) -> int:

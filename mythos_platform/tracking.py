@@ -7,8 +7,10 @@
         tracker.log_figure_file(loss_curve_png(history, "loss.png"))
 
 Where runs go: `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`, else an embedded
-SQLite store `sqlite:///<run_root>/mlflow.db` whose experiments keep their artifacts in
-`<run_root>/mlartifacts` (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` shows it).
+SQLite store `sqlite:///<run_root>/mlflow.db`. Experiments of any SQLite store keep their
+artifacts beside the database, in `<store dir>/mlartifacts/<experiment>` (`mlflow ui
+--backend-store-uri sqlite:///runs/mlflow.db` shows them); a tracking server keeps its own.
+Experiments are tagged as model training, so MLflow's UI opens them on the runs and charts.
 
 Failure policy: every MLflow call is wrapped; an exception (server down, bad URI, disk
 full) is logged once as a warning through `logging` and the call returns quietly, so a
@@ -41,6 +43,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment by its kind: without this tag it guesses the GenAI view (an
+empty traces page); model training opens the runs table with the metric charts."""
+
 # MLflow's limits (mlflow.utils.validation): values longer than these are rejected.
 MAX_PARAM_VALUE = 6000
 MAX_KEY = 250
@@ -61,9 +68,16 @@ def tracking_uri(cfg: TrackingConfig, run_root: str | os.PathLike) -> str:
     return f"sqlite:///{Path(run_root).expanduser().resolve() / 'mlflow.db'}"
 
 
-def artifact_location(run_root: str | os.PathLike, experiment: str) -> str:
-    """file:// URI of <run_root>/mlartifacts/<experiment>, for experiments of the embedded store."""
-    return (Path(run_root).expanduser().resolve() / "mlartifacts" / experiment).as_uri()
+def artifact_location(store_uri: str, experiment: str) -> str | None:
+    """For a local SQLite store (`sqlite:///<dir>/mlflow.db`): the file:// URI of
+    `<dir>/mlartifacts/<experiment>`, so that artifacts live beside the database whichever job or
+    working directory creates the experiment; None (the server's default) for other stores.
+    Without it MLflow puts a new experiment's artifacts under `./mlruns` of the current directory."""
+    if not store_uri.startswith("sqlite:///"):
+        return None
+    db = Path(store_uri.removeprefix("sqlite:///").split("?")[0])
+    db = db if db.is_absolute() else Path.cwd() / db
+    return (db.expanduser().resolve().parent / "mlartifacts" / experiment).as_uri()
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -196,15 +210,16 @@ class Tracker:
         return self._experiment_id() if self.active else None
 
     def _experiment_id(self) -> str:
+        """The experiment's id, created if needed, tagged as model training (`EXPERIMENT_KIND`)."""
         name = self.cfg.experiment
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version, or by hand
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
-        embedded = self.uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI") \
-            and not self.cfg.tracking_uri
-        location = artifact_location(self.run_root, name) if embedded else None
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri, name),
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # created meanwhile by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

@@ -177,13 +177,13 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
         assert own_warnings(launch.output) == [], stage  # the project's own code warns about nothing
 
     # 1. pretraining (looped model and baseline side by side): the looped model's MLflow run KILLED
-    launch = ctrl_c(config, root, port, r"\[mythos\] step +200/600")
+    launch = ctrl_c(config, root, port, r"\[mythos [^]]+\] step +200/600")
     check(launch, "1/5 (pretrain")
     assert "training runs 'pipeline-pretrain', 'pipeline-baseline' stopped" in launch.output
     assert runs_by_status(root)["pipeline-pretrain"] == "KILLED"
 
     # 2. the sweep: pretraining resumes from its checkpoint and finishes first
-    launch = ctrl_c(config, root, port, r"\[mythos\] step +40/160", after_s=1)
+    launch = ctrl_c(config, root, port, r"\[mythos [^]]+\] step +40/160", after_s=1)
     check(launch, "2/5 (sweep")
     assert re.search(r"resumed from checkpoint at step [12]00 ", launch.output), launch.output[-4000:]
     assert runs_by_status(root)["pipeline-pretrain"] == "FINISHED"

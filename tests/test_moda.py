@@ -75,8 +75,8 @@ def _spy_depth_reads(monkeypatch):
     reads = []
     orig = DepthMemory.read
 
-    def spy(self, layer, rows=None):
-        dk, dv = orig(self, layer, rows)
+    def spy(self, layer, rows=None, count=None):
+        dk, dv = orig(self, layer, rows, count)
         reads.append((layer, dk.detach().clone(), dv.detach().clone()))
         return dk, dv
 

@@ -335,7 +335,7 @@ def test_head_runs_a_submitted_job_listens_on_loopback_only_and_stop_head_stops_
         out = subprocess.run(submit, cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=400)
         log = out.stdout + out.stderr
         assert out.returncode == 0, log[-3000:]
-        assert "succeeded" in log and "[mythos] step     6/6" in log and "[mythos] done." in log
+        assert "succeeded" in log and "] step     6/6" in log and "[mythos] done." in log
         assert (tmp_path / "export" / "debug" / "model.safetensors").exists() and (tmp_path / "mlflow.db").exists()
         head = _head_processes(recorded["session"], recorded["node_id"])
         head_pids = {p.pid for p in head}

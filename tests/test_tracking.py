@@ -103,6 +103,37 @@ def test_run_in_embedded_sqlite_store(store, tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "worker")] == [(7, 1.0)]
 
 
+def test_explicit_sqlite_store_keeps_artifacts_beside_it_and_opens_as_training(store, tmp_path, monkeypatch):
+    """A job given the store's URI explicitly (the pipeline's evaluation stage), started from another
+    working directory, writes its artifacts beside the database, not into ./mlruns there; its
+    experiment carries the kind tag that makes MLflow's UI open the training view."""
+    from mlflow.tracking import MlflowClient
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store}/mlflow.db"
+    tracker = Tracker(TrackingConfig(experiment="mythos-eval-explicit", tracking_uri=uri), tmp_path / "other-root")
+    with tracker.start(run_name="eval"):
+        tracker.log_text("x", "results/results.md")
+    assert tracker.errors == 0
+    assert (store / "mlartifacts" / "mythos-eval-explicit" / tracker.run_id / "artifacts" / "results" /
+            "results.md").is_file()
+    assert not (elsewhere / "mlruns").exists()
+    exp = MlflowClient(uri).get_experiment_by_name("mythos-eval-explicit")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_existing_experiment_without_kind_gets_tagged(store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    exp_id = client.create_experiment("made-by-hand")
+    assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
+    Tracker(TrackingConfig(experiment="made-by-hand"), store).create_experiment()
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_find_run_and_reopen(store):
     """An earlier launch's run is found by tag (the newest of several) and continued as RUNNING."""
     from mlflow.tracking import MlflowClient

@@ -130,13 +130,24 @@ def _collect(pending: dict, n_points: int, points: list[EvalPoint], failures: li
             cause = getattr(exc, "cause", None) or exc
             failures += [{"task": task, "n_loops": n, "exit_threshold": thr, "error": explain(cause)}
                          for task in tasks]
-            say(f"[{len(points) + len(failures):>3}/{n_points}] FAILED loops={n}"
-                f"{'' if thr is None else f' exit={thr:g}'} ({len(tasks)} task(s)): {explain(cause)}")
+            _point_done(say, len(points) + len(failures), n_points, f"FAILED loops={n}"
+                        f"{'' if thr is None else f' exit={thr:g}'} ({len(tasks)} task(s)): {explain(cause)}")
             continue
         for p in got:
             points.append(p)
             tracker.log_metrics(point_metrics(p), step=p.n_loops)
-            say(f"[{len(points) + len(failures):>3}/{n_points}] {describe_point(p)}")
+            _point_done(say, len(points) + len(failures), n_points, describe_point(p))
+
+
+def _point_done(say: Callable[[str], None], done: int, total: int, text: str) -> None:
+    """`[ 3/20] text`; printed (the default `say`), it is a progress bar on a routed terminal."""
+    line = f"[{done:>3}/{total}] {text}"
+    if say is print:
+        from ..console import progress
+
+        progress("evaluation", done, total, line, "points")
+    else:
+        say(line)
 
 
 def _announce(cfg: LoopEvalConfig, model_dir: Path, leaves: Sequence[str], jobs: list, say) -> None:

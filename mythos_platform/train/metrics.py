@@ -59,11 +59,14 @@ class Window:
         return out
 
 
-def progress_line(step: int, steps: int, m: dict[str, float]) -> str:
+def progress_line(step: int, steps: int, m: dict[str, float], run: str | None = None) -> str:
+    """`[mythos <run>] step 50/600 | loss ...`: the line the console turns into a progress bar
+    (`mythos_platform.console.STEP_LINE`)."""
     val = f" | val {m['val_loss']:.3f}" if "val_loss" in m else ""
     if "val_acc" in m:
         val += f" acc {m['val_acc']:.2f}"
     acc = f" acc {m['acc']:.2f}" if "acc" in m else ""
-    return (f"[mythos] step {step:>5d}/{steps} | loss {m['loss']:.3f}{acc} ppl {m['perplexity']:.2f}{val} | "
+    tag = f"[mythos {run}]" if run else "[mythos]"
+    return (f"{tag} step {step:>5d}/{steps} | loss {m['loss']:.3f}{acc} ppl {m['perplexity']:.2f}{val} | "
             f"{m['tokens_per_s']:,.0f} tok/s | MFU {m['mfu']:.1%} | loops {m['mean_loops']:.1f} | "
             f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.2f}")

@@ -18,6 +18,8 @@ from torch import nn
 
 from mythos import Mythos, MythosConfig
 
+from .activation_checkpointing import apply_activation_checkpointing
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -33,13 +35,14 @@ def blocks(model: Mythos) -> list[nn.Module]:
 
 
 def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16: bool, seed: int,
-                prepare: Callable[[Mythos], None] | None = None) -> nn.Module:
+                prepare: Callable[[Mythos], None] | None = None, activation_checkpointing: str = "none") -> nn.Module:
     """The model, initialised identically on every rank and wrapped for `parallelism`.
 
     `prepare` changes the bare, initialised model before it is wrapped (load weights, initialise
     rows, register a parametrization); it runs identically on every rank. Without it, FSDP2 builds
     on the meta device and initialises after sharding; with it, the model is built and prepared
-    whole, then sharded (fine for the sizes that need a `prepare` today)."""
+    whole, then sharded (fine for the sizes that need a `prepare` today). `activation_checkpointing`:
+    none | block | iteration (activation_checkpointing.py), applied before the wrapping."""
     world = world_size()
     if parallelism == "fsdp" and world > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -52,6 +55,7 @@ def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16:
             torch.manual_seed(seed)
             model = Mythos(cfg).to(device)
             prepare(model)
+        apply_activation_checkpointing(model, activation_checkpointing)
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
@@ -67,6 +71,7 @@ def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16:
     model = Mythos(cfg).to(device)
     if prepare is not None:
         prepare(model)
+    apply_activation_checkpointing(model, activation_checkpointing)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

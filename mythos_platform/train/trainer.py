@@ -82,7 +82,7 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
     tracker = Tracker(cfg.tracking, run_root)
     resumed = _open_mlflow_run(tracker, cfg, name, tags)
     loop_config = {"cfg": cfg.to_dict(), "run_root": str(run_root), "mlflow_run_id": tracker.run_id,
-                   "export_dir": str(export_dir), "report_evals": report_evals}
+                   "export_dir": str(export_dir), "report_evals": report_evals, "run_name": name}
     trainer = _torch_trainer(cfg, name, str(storage), loop_config, datasets, callbacks)
     sc = cfg.scaling
     print(f"[mythos] training run '{name}' ({cfg.model.variant}, {sc.num_workers} workers, "

@@ -95,6 +95,7 @@ class Trainer:
         self.cfg = cfg = PretrainConfig.from_dict(config["cfg"])
         self.tcfg = cfg.train
         self.export_dir = config.get("export_dir")
+        self.run_name = config.get("run_name")
         self.report_evals = bool(config.get("report_evals"))  # also report (no checkpoint) at eval steps
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -150,7 +151,8 @@ class Trainer:
         """The model (wrapped for DDP or FSDP2, prepared as the config asks), optimizer, schedule."""
         t, cfg = self.tcfg, self.cfg
         prepare = (lambda m: prepare_model(m, cfg)) if needs_preparation(cfg) else None
-        self.model = build_model(self.model_cfg, t.parallelism, self.device, self.bf16, t.seed, prepare=prepare)
+        self.model = build_model(self.model_cfg, t.parallelism, self.device, self.bf16, t.seed, prepare=prepare,
+                                 activation_checkpointing=t.activation_checkpointing)
         self.core = unwrap(self.model)
         self.opt = build_optimizer(self.model, t.lr, t.betas, t.weight_decay, self.device)
         self.sched = build_scheduler(self.opt, t.warmup_steps, t.steps, t.lr, t.min_lr)
@@ -271,7 +273,7 @@ class Trainer:
         if not replayed:
             self.tracker.log_metrics(metrics, step=s.step)
         if self.rank == 0:
-            say(progress_line(s.step, self.tcfg.steps, metrics) + (" (replayed, logged before)" if replayed else ""))
+            say(progress_line(s.step, self.tcfg.steps, metrics, self.run_name) + (" (replayed, logged before)" if replayed else ""))
         self.state.metrics = {**self.state.metrics, **metrics, "step": s.step}
         self.window = Window(self.device)
         return metrics

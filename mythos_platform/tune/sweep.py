@@ -42,6 +42,7 @@ from ..registry import Registration, register_model
 from ..tracking import Tracker, git_tags
 from .cleanup import Leftovers, leftovers, release_job_placement_groups
 from .config import SweepConfig
+from .progress import SweepProgress
 from .results import metric_plot, table_columns, to_csv, to_markdown
 from .space import Param
 
@@ -399,7 +400,9 @@ def _tuner(cfg: SweepConfig, base: PretrainConfig, params: list[Param], root: Pa
                                     num_samples=cfg.search.num_samples,
                                     max_concurrent_trials=concurrency if cfg.search.algorithm == "optuna" else None),
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(tune_root), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[SweepProgress(cfg.search.metric, cfg.num_trials(),
+                                                           [p.key for p in params])]),
     )
 
 
