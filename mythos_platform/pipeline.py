@@ -325,12 +325,21 @@ def print_summary(s: PipelineSummary, metric: str = "val_acc", keep_serving: boo
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s.stages.items()) +
           f" (total {sum(s.stages.values()) / 60:.1f} min)")
     print(f"MLflow store: {s.tracking_uri}")
+    from .console import routed_log
+
+    if routed_log() is not None:
+        print(f"library output (Ray, Tune, MLflow): {routed_log()}")
     print(f"  pretrain run {s.pretrain_run_id} | sweep parent run {s.sweep_run_id} | evaluation run {s.eval_run_id}")
     c = s.champion
     if c:
-        parts = [f"pretrained model {metric} {_num(c.get('pretrained'))}"]
+        def version(key: str) -> str:
+            return f", version {c[key]}" if c.get(key) is not None else ""
+
+        parts = [f"pretrained model ({version('pretrained_version')[2:] or 'not registered'}) {metric} "
+                 f"{_num(c.get('pretrained'))}"]
         if "sweep_best" in c:
-            parts.append(f"best sweep trial ({c.get('sweep_trial')}) {metric} {_num(c.get('sweep_best'))}")
+            parts.append(f"best sweep trial ({c.get('sweep_trial')}{version('sweep_version')}) {metric} "
+                         f"{_num(c.get('sweep_best'))}")
         winner = "the sweep's best trial" if c.get("version") and c.get("version") == c.get("sweep_version") \
             else "the pretrained model"
         print(f"  registry compared {', '.join(parts)} -> champion: {winner} "

@@ -195,3 +195,23 @@ def test_rerunning_a_finished_sweep_resumes_it_without_new_trials(sweep):
     assert [(r["trial_id"], r["status"]) for r in again.trials] == [(r["trial_id"], r["status"]) for r in res.trials]
     assert again.registration.version == res.registration.version and not again.registration.alias_moved
     assert again.timings["trials"] < 60
+
+
+def test_sweep_plot_compares_trials_at_a_step_all_reached_and_marks_stopped_ones(tmp_path):
+    """ASHA stops the weak arm at half the steps: the plot's right panel reads every trial at the
+    last step all of them reached, not a stopped trial's half-trained figure against a finished one's."""
+    from mythos_platform.tune.results import common_step, metric_plot, value_at
+
+    rows = [
+        {"trial_id": "a", "status": "completed", "label_loops": 4, "lora": 0,
+         "history": [(40, 0.5), (80, 0.7), (120, 0.8), (160, 0.9)]},
+        {"trial_id": "b", "status": "completed", "label_loops": 6, "lora": 0,
+         "history": [(40, 0.4), (80, 0.6), (120, 0.85), (160, 0.95)]},
+        {"trial_id": "c", "status": "early_stopped", "label_loops": 6, "lora": 4, "history": [(40, 0.45), (80, 0.65)]},
+    ]
+    assert common_step(rows) == 80
+    assert [value_at(r["history"], 80) for r in rows] == [0.7, 0.6, 0.65]
+    assert value_at(rows[0]["history"], 100) == 0.7 and value_at(rows[0]["history"], 10) is None
+    png = metric_plot(rows, "label_loops", "lora", "val_acc", tmp_path / "p.png", title="sweep t",
+                      searched=["label_loops", "lora"])
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000

@@ -174,20 +174,22 @@ def _rows(grid, params: list[Param], metric: str, mode: str, children: dict[str,
     for res in grid:
         m = res.metrics or {}
         trial_id = m.get("trial_id") or Path(res.path).name
-        history = []
+        history: list[tuple[int, float]] = []
         try:
             df = res.metrics_dataframe
-            if df is not None and metric in df:
-                history = [float(v) for v in df[metric].tolist() if v == v]
+            if df is not None and metric in df and "step" in df:
+                history = [(int(s), float(v)) for s, v in zip(df["step"].tolist(), df[metric].tolist())
+                           if v == v and s == s]
         except Exception:  # no result file
             pass
-        best = (min if mode == "min" else max)(history) if history else float("nan")
+        best = (min if mode == "min" else max)(v for _, v in history) if history else float("nan")
         status = "error" if res.error else "completed" if m.get("completed") else "early_stopped"
         row = {"trial_id": trial_id, "status": status, "step": m.get("step"),
                "metric": float(m[metric]) if metric in m else float("nan"), "best_metric": best,
                "time_s": round(float(m.get("time_total_s", 0.0)), 1),
                "mlflow_run_id": m.get("mlflow_run_id") or children.get(trial_id),
-               "export_dir": m.get("export_dir"), "error": str(res.error).splitlines()[0] if res.error else None}
+               "export_dir": m.get("export_dir"), "error": str(res.error).splitlines()[0] if res.error else None,
+               "history": history}
         for key in searched:
             row[key] = (res.config or {}).get(key)
         for p in params:
@@ -417,7 +419,7 @@ def _log_results(tracker: Tracker, cfg: SweepConfig, params: list[Param], rows: 
         tracker.log_artifact(Path(tmp, "results.csv"), "results")
         tracker.log_artifact(Path(tmp, "results.md"), "results")
         png = metric_plot(rows, cfg.plot.x, cfg.plot.group, metric, Path(tmp, f"{metric}_vs_loops.png"),
-                          title=f"sweep {cfg.name}")
+                          title=f"sweep {cfg.name}", searched=[p.key for p in params if p.kind != "fixed"])
         tracker.log_artifact(png, "plots")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "error")}
     tracker.log_metrics({"trials": len(rows), **{f"trials_{k}": v for k, v in counts.items()},
