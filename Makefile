@@ -8,17 +8,30 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-fast lint bench clean
 
+# The install says what it is doing, step by step, with the time taken; pip itself runs with -qq
+# (errors only), so the mirrors' "Location ... is ignored" warnings do not bury it.
+SAY    := @printf '[install] %s\n'
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned, so that nothing below can resolve to another build
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	@start=$$(date +%s); \
+	printf '[install] 1/3 virtual environment %s\n' $(VENV); \
+	{ test -x $(PY) || $(PYTHON) -m venv $(VENV); } && $(PY) -m pip install -qq --upgrade pip && \
+	printf '[install] 2/3 %s, the CPU wheel (first, pinned, so that nothing below can pull another build)\n' $(TORCH) && \
+	$(PY) -m pip install -qq $(TORCH) && \
+	printf '[install] 3/3 mythos and its dependencies (Ray, MLflow, lm-eval, ...; the longest step)\n' && \
+	$(PY) -m pip install -qq -c constraints.txt -e ".[dev]" && \
+	printf '[install] done in %s s\n' $$(( $$(date +%s) - start ))
+	@touch $(STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Headless Chromium (Debian's package) for the test that opens the MLflow UI page of a run.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	$(SAY) "headless Chromium for the MLflow UI test (Debian package chromium, about 1-2 min)"
+	@apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -72,7 +72,10 @@ class _Bars:
         if bar is None or bar.total != total:
             if bar is not None:
                 bar.close()
-            bar = self._bars[key] = self._tqdm(total=total, desc=key, unit=unit, file=self._term, leave=True,
+            # `initial`: the rate and ETA count only the progress seen while the bar is up (a run
+            # resumed at step 200, or first heard of at its first logged step, did not do it in 0 s)
+            bar = self._bars[key] = self._tqdm(total=total, initial=min(done, total), desc=key, unit=unit,
+                                               file=self._term, leave=True,
                                                ncols=self._width(), position=len(self._bars),
                                                bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {unit} "
                                                           "[{elapsed}<{remaining}]{postfix}")

@@ -174,7 +174,15 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
         assert "the same command goes on from there" in launch.output
         assert launch.left == [], (stage, launch.left)
         assert "Traceback" not in launch.output.split(stopped)[-1]  # the message, not a stack
-        assert own_warnings(launch.output) == [], stage  # the project's own code warns about nothing
+        quiet(launch, stage)
+
+    def quiet(launch: Launch, stage: str) -> None:
+        """Library output goes to the run root's log (named once); the project's code warns about nothing."""
+        log = root.resolve() / "logs" / "pipeline.log"
+        assert f"goes to {log}" in launch.output, launch.output[:2000]
+        for noise in ("Trial status", "(raylet)", "core_worker.cc", "Checkpoint successfully created", "╭"):
+            assert noise not in launch.output, (stage, noise)
+        assert own_warnings(launch.output) == [] and own_warnings(log.read_text()) == [], stage
 
     # 1. pretraining (looped model and baseline side by side): the looped model's MLflow run KILLED
     launch = ctrl_c(config, root, port, r"\[mythos [^]]+\] step +200/600")
@@ -209,7 +217,7 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
     assert launch.rc == 0, out[-4000:]
     assert "[mythos pipeline] endpoint stopped." in out and launch.left == []
     assert "press Ctrl-C (or `ray job stop <id>`) to stop it" in out
-    assert own_warnings(out) == []
+    quiet(launch, "5/5 (serving")
     assert runs_by_status(root)["pipeline-eval"] == "FINISHED"
 
     # what the demo is for, after all the interruptions. The registry compared the pretrained model
@@ -235,3 +243,18 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
     assert Path(re.search(r"plot: (\S+)", out)[1]).stat().st_size > 20_000
     # the served model answers the 8-hop question right with 8 loops, and not with 2
     assert re.search(r"n_loops=8 +-> .*\(right\)", out) and re.search(r"n_loops=2 +-> .*\(wrong\)", out), out[-2000:]
+
+    # MLflow where a trainer looks: every experiment opens as model training, all artifacts live
+    # under the run root, and the UI page of the evaluation run shows the accuracy-versus-loops plot
+    for exp in client.search_experiments():
+        if exp.name != "Default":
+            assert exp.tags.get("mlflow.experimentKind") == "custom_model_development", exp.name
+            assert exp.artifact_location.startswith((root.resolve() / "mlartifacts").as_uri()), exp.artifact_location
+    assert eval_run.info.artifact_uri.startswith((root.resolve() / "mlartifacts").as_uri())
+    from mlflow_ui import artifact_page, chromium, mlflow_ui
+
+    with mlflow_ui(root / "mlflow.db") as ui:
+        dom = chromium(artifact_page(ui, eval_run.info.experiment_id, eval_run.info.run_id,
+                                     "results/accuracy_vs_loops.png"), "--dump-dom")
+    # the image element is only made once the UI has fetched the artifact's bytes (a blob: URL)
+    assert re.search(r'<img alt="results/accuracy_vs_loops.png" src="blob:', dom), dom[-3000:]
