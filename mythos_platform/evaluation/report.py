@@ -98,9 +98,10 @@ def points_csv(points: Sequence[EvalPoint], limit: float | None = None) -> str:
     return to_csv(rows, POINT_COLUMNS)
 
 
-def loops_figure(points: Sequence[EvalPoint], limit: float | None = None):
+def loops_figure(points: Sequence[EvalPoint], limit: float | None = None, name: str = ""):
     """Primary metric versus loops, one line per task (higher-is-better metrics left, others right);
-    dotted lines: the 'answer = start symbol' floor of the same task. Tight layout: `fig.savefig(path)` is all
+    dotted lines: the 'answer = start symbol' floor of the same task; `name` (the run and model) heads
+    the titles. Tight layout: `fig.savefig(path)` is all
     that is left to do."""
     by_task = _rows_by_task([p for p in points if p.exit_threshold is None])
     up = {t: ps for t, ps in by_task.items() if ps[0].higher_is_better.get(ps[0].primary, True)}
@@ -117,8 +118,11 @@ def loops_figure(points: Sequence[EvalPoint], limit: float | None = None):
             if floor is not None:
                 ax.axhline(floor, color=line.get_color(), linestyle=":", alpha=0.6)
         ax.set_xscale("log", base=2)
-        style_axes(ax, xlabel="inference loops",
-                   title=f"score vs loops ({title}; dotted: answer = start)" if i == 0 else f"score vs loops ({title})")
+        who = f"{name}: " if name else ""
+        ax.set_ylabel("score (the task's primary metric)")
+        style_axes(ax, xlabel="inference loops", legend="outside" if len(group) > 6 else "best",
+                   title=f"{who}score vs loops ({title}; dotted: answer = start)" if i == 0
+                   else f"{who}score vs loops ({title})")
     return fig
 
 

@@ -172,7 +172,7 @@ def _write_results(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, leaves: 
     plot_path = None
     if points:
         plot_path = out_dir / "accuracy_vs_loops.png"
-        loops_figure(points, cfg.limit).savefig(plot_path)
+        loops_figure(points, cfg.limit, name=f"{cfg.run_name or 'evaluation'} of {cfg.model}").savefig(plot_path)
     return md, csv_text, plot_path
 
 

@@ -102,7 +102,7 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
     if stopped.exists():  # the workers stopped the run (divergence): failed, nothing exported
         tracker.end("FAILED")
         raise NonFiniteLossError(f"training run '{name}' stopped: {json.loads(stopped.read_text())['error']}")
-    _finish_mlflow_run(tracker, export_dir)
+    _finish_mlflow_run(tracker, export_dir, name)
     metrics, checkpoint = _final(result, export_dir)
     res = PretrainResult(name, run_root, metrics, checkpoint, export_dir, tracker.run_id, tracker.uri)
     if export_dir.is_dir():
@@ -219,11 +219,12 @@ def _torch_trainer(cfg: PretrainConfig, name: str, storage: str, loop_config: di
     )
 
 
-def _finish_mlflow_run(tracker: Tracker, export_dir: Path) -> None:
+def _finish_mlflow_run(tracker: Tracker, export_dir: Path, name: str) -> None:
     """The loss curve plot and the exported model as artifacts; the run FINISHED."""
     history = tracker.metric_history("loss")
     if history:
-        tracker.log_loss_curve({"loss": history, "val_loss": tracker.metric_history("val_loss")})
+        tracker.log_loss_curve({"loss": history, "val_loss": tracker.metric_history("val_loss")},
+                               title=f"{name}: loss by step")
     if export_dir.exists():
         tracker.log_artifact(str(export_dir), artifact_path="model")
     tracker.end("FINISHED")
