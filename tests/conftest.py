@@ -4,8 +4,20 @@ import socket
 import pytest
 import torch
 
-# two cores: keep intra-op threads at 2 and make every test deterministic
-torch.set_num_threads(min(2, os.cpu_count() or 2))
+# two cores: keep intra-op threads at 2 in all (`make test` runs two pytest workers, one thread
+# each: more threads than cores makes OpenMP spin) and make every test deterministic
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 2) // WORKERS))
+
+SLOW_FIRST = ("test_interrupts.py", "test_pretrain.py", "test_sweep.py", "test_ray_env.py", "test_serve.py",
+              "test_evals.py", "test_depth.py")
+"""Modules that take minutes, started first: `make test` hands whole modules to two workers in
+collection order (pytest-xdist --dist loadfile), so the longest ones must not come last."""
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))
 
 
 @pytest.fixture(autouse=True)
