@@ -215,3 +215,25 @@ def test_sweep_plot_compares_trials_at_a_step_all_reached_and_marks_stopped_ones
     png = metric_plot(rows, "label_loops", "lora", "val_acc", tmp_path / "p.png", title="sweep t",
                       searched=["label_loops", "lora"])
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
+
+
+def test_sweep_progress_counts_the_trial_being_reported_and_names_early_stops(capsys):
+    """Tune calls back before it sets the trial's status: the line counts that trial as the event says."""
+    from types import SimpleNamespace as T
+
+    from mythos_platform.tune.progress import SweepProgress
+
+    p = SweepProgress("val_acc", 3, ["data.label_loops", "model.overrides.lora_rank"])
+    a = T(trial_id="x_00000", status="PENDING", config={"data.label_loops": 4, "model.overrides.lora_rank": 0},
+          last_result={})
+    b = T(trial_id="x_00001", status="RUNNING", config={"data.label_loops": 6, "model.overrides.lora_rank": 4},
+          last_result={"val_acc": 0.41, "step": 80})
+    c = T(trial_id="x_00002", status="TERMINATED", config={"data.label_loops": 6, "model.overrides.lora_rank": 0},
+          last_result={"val_acc": 0.9, "step": 160, "completed": 1})
+    p.on_trial_start(0, [a, b, c], a)
+    p.on_trial_complete(0, [a, b, c], b)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("[mythos] sweep 1/3 trials done, 2 running | trial 00000 started "
+                      "(label_loops=4, lora_rank=0)")
+    assert out[1] == ("[mythos] sweep 2/3 trials done (1 stopped early by the scheduler), 0 running | trial 00001 "
+                      "stopped early by the scheduler at step 80: val_acc 0.410 (label_loops=6, lora_rank=4)")

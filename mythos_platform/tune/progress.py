@@ -29,25 +29,30 @@ class SweepProgress(Callback):
         cfg = trial.config or {}
         return ", ".join(f"{k.rsplit('.', 1)[-1]}={cfg[k]}" for k in self.keys if k in cfg)
 
-    def _say(self, trials: list, text: str) -> None:
-        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        early = sum(1 for t in done if t.status == "TERMINATED" and not (t.last_result or {}).get("completed"))
-        running = sum(1 for t in trials if t.status == "RUNNING")
+    def _say(self, trials: list, trial: Any, now: str, text: str) -> None:
+        """`now`: the status the event gives `trial` (Tune calls back before it sets the status)."""
+        status = {t.trial_id: t.status for t in trials}
+        status[trial.trial_id] = now
+        done = [t for t in trials if status[t.trial_id] in ("TERMINATED", "ERROR")]
+        early = sum(1 for t in done if status[t.trial_id] == "TERMINATED"
+                    and not (t.last_result or {}).get("completed"))
+        running = sum(1 for s in status.values() if s == "RUNNING")
         total = max(self.total, len(trials))
         line = (f"[mythos] sweep {len(done)}/{total} trials done"
                 f"{f' ({early} stopped early by the scheduler)' if early else ''}, {running} running | {text}")
         progress("sweep", len(done), total, line, "trials")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._say(trials, f"trial {_short(trial.trial_id)} started ({self._values(trial)})")
+        self._say(trials, trial, "RUNNING", f"trial {_short(trial.trial_id)} started ({self._values(trial)})")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
         value = r.get(self.metric)
         figure = f"{self.metric} {value:.3f}" if isinstance(value, (int, float)) else f"no {self.metric} yet"
         how = "finished" if r.get("completed") else "stopped early by the scheduler"
-        self._say(trials, f"trial {_short(trial.trial_id)} {how} at step {r.get('step', '?')}: {figure} "
-                          f"({self._values(trial)})")
+        self._say(trials, trial, "TERMINATED", f"trial {_short(trial.trial_id)} {how} at step "
+                                               f"{r.get('step', '?')}: {figure} ({self._values(trial)})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._say(trials, f"trial {_short(trial.trial_id)} failed ({self._values(trial)}); its error is in the log")
+        self._say(trials, trial, "ERROR",
+                  f"trial {_short(trial.trial_id)} failed ({self._values(trial)}); its error is in the log")
