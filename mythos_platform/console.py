@@ -14,7 +14,7 @@ How a line is told apart:
   one of this project's lines (it carries a `[mythos` tag), without Ray's prefix;
 - written by C++ code straight to file descriptor 1 or 2 (raylet, core worker): the descriptors
   point at the log file, so these never reach the terminal;
-- an uncaught exception's traceback (written by the interpreter with no Python caller): shown.
+- an uncaught exception's traceback: shown (whichever excepthook prints it).
 
 Progress: training step lines (`[mythos <run>] step 50/600 | ...`) and the `progress` calls of
 the sweep and the evaluation become live bars (tqdm: count, rate, ETA, the latest figures) when
@@ -33,7 +33,10 @@ from typing import TextIO
 
 OURS = ("mythos", "mythos_platform", "jobs", "evals", "__main__")
 """Top-level modules whose output is this project's."""
-_PASS_THROUGH = ("logging", "warnings", "traceback", "mythos_platform.console")
+_PASS_THROUGH = ("logging", "warnings", "traceback", "mythos_platform.console",
+                 # libraries that replace builtins.print in the driver and call the original print
+                 # (Ray Train V2 once a trainer has run there; Serve; Ray's tqdm)
+                 "ray.train.v2._internal.logging", "ray.serve._private.logging_utils", "ray.experimental.tqdm_ray")
 _RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?P<who>[\w.:-]+)(?: pid=\d+)?(?:, ip=[\d.]+)?\)(?:\x1b\[[0-9;]*m)* ?")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DEDUP = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
@@ -75,8 +78,7 @@ class _Bars:
             # `initial`: the rate and ETA count only the progress seen while the bar is up (a run
             # resumed at step 200, or first heard of at its first logged step, did not do it in 0 s)
             bar = self._bars[key] = self._tqdm(total=total, initial=min(done, total), desc=key, unit=unit,
-                                               file=self._term, leave=True,
-                                               ncols=self._width(), position=len(self._bars),
+                                               file=self._term, leave=True, ncols=self._width(),
                                                bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {unit} "
                                                           "[{elapsed}<{remaining}]{postfix}")
         bar.n = min(done, total)
@@ -95,10 +97,12 @@ class _Bars:
     def write(self, line: str) -> None:
         self._tqdm.write(line, file=self._term)
 
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
+    def finish(self, key: str | None = None) -> None:
+        """Close the bar of `key` (a run the scheduler stopped before its last step), or all."""
+        for k in [key] if key is not None else list(self._bars):
+            bar = self._bars.pop(k, None)
+            if bar is not None:
+                bar.close()
 
 
 class Router(io.TextIOBase):
@@ -107,6 +111,8 @@ class Router(io.TextIOBase):
     def __init__(self, term: TextIO, log: TextIO, bars: _Bars | None) -> None:
         self.term, self.log, self.bars = term, log, bars
         self._pending: dict[int, tuple[str, bool]] = {}
+        self.forced = False
+        """Set while an uncaught exception is reported: its traceback is shown whoever prints it."""
         self._lock = threading.Lock()
 
     # the file-like surface libraries use
@@ -124,7 +130,7 @@ class Router(io.TextIOBase):
         return "utf-8"
 
     def write(self, s: str) -> int:
-        ours = _caller_is_ours(2)
+        ours = self.forced or _caller_is_ours(2)
         tid = threading.get_ident()
         with self._lock:
             text, was_ours = self._pending.pop(tid, ("", False))
@@ -183,6 +189,14 @@ def progress(key: str, done: int, total: int, line: str, unit: str = "") -> None
         print(line, flush=True)
 
 
+def finish(key: str | None = None) -> None:
+    """Done with the progress of `key` (or of everything, e.g. at a new stage) although it did not
+    reach its total: its bar is closed where it stands."""
+    if _active is not None and _active.bars is not None:
+        with _active._lock:
+            _active.bars.finish(key)
+
+
 def log_path(root: str | os.PathLike, job: str) -> Path:
     return Path(root).expanduser().resolve() / "logs" / f"{job}.log"
 
@@ -211,10 +225,25 @@ def route_output(root: str | os.PathLike, job: str, verbose: bool = False) -> Pa
     bars = _Bars(term) if term.isatty() and os.environ.get("TERM") != "dumb" else None
     _active = Router(term, log, bars)
     sys.stdout = sys.stderr = _active  # type: ignore[assignment]
+    sys.excepthook = _show_uncaught(sys.excepthook)
     term.write(f"[mythos] library output (Ray, Tune, MLflow, warnings) goes to {path}; "
                "--verbose shows it here\n")
     term.flush()
     return path
+
+
+def _show_uncaught(previous):
+    """An excepthook around `previous` (Ray wraps the hook it finds at import: ours, or it is ours)
+    whose traceback reaches the terminal, though a library's hook prints it."""
+    def hook(kind, value, tb):
+        if _active is not None:
+            _active.forced = True
+        try:
+            previous(kind, value, tb)
+        finally:
+            if _active is not None:
+                _active.forced = False
+    return hook
 
 
 def routed_log() -> Path | None:

@@ -177,6 +177,9 @@ class PipelineRun:
     def stage(self, key: str, title: str):
         self._number += 1
         self.current = f"{self._number}/{self._total} ({title})"
+        from .console import finish
+
+        finish()  # the last stage's bars end where they stand
         print(f"\n[mythos pipeline] ===== {self._number}/{self._total} {title} =====", flush=True)
         t = time.perf_counter()
         yield

@@ -38,6 +38,10 @@ fakelib.chatter()
 print("\\x1b[36m(RayTrainWorker pid=42)\\x1b[0m [mythos demo-run] step   100/100 | loss 0.500 | 9 tok/s")
 progress("evaluation", 1, 2, "[  1/2] loops=1 acc 0.5", "points")
 progress("evaluation", 2, 2, "[  2/2] loops=2 acc 0.9", "points")
+import builtins
+from ray.train.v2._internal.logging.patch_print import redirected_print
+builtins.print = redirected_print  # what Ray Train V2 leaves in a driver that ran a trainer
+print("[mythos] after Ray Train patched print")
 print("our error line", file=sys.stderr)
 raise RuntimeError("an uncaught error")
 '''
@@ -60,9 +64,10 @@ def test_routed_job_shows_its_own_lines_and_logs_everything(tmp_path):
     assert f"library output (Ray, Tune, MLflow, warnings) goes to {log_file}" in terminal
     shown = [line for line in terminal.splitlines() if line and "goes to" not in line]
     # ours, in order; forwarded project lines lose Ray's prefix; not a TTY: progress stays plain lines
-    assert shown[:6] == ["[mythos] our own line", "[mythos demo-run] step    50/100 | loss 1.000 | 9 tok/s",
+    assert shown[:7] == ["[mythos] our own line", "[mythos demo-run] step    50/100 | loss 1.000 | 9 tok/s",
                          "[mythos demo-run] step   100/100 | loss 0.500 | 9 tok/s",
-                         "[  1/2] loops=1 acc 0.5", "[  2/2] loops=2 acc 0.9", "our error line"]
+                         "[  1/2] loops=1 acc 0.5", "[  2/2] loops=2 acc 0.9", "[mythos] after Ray Train patched print",
+                         "our error line"]
     assert "RuntimeError: an uncaught error" in terminal  # the interpreter's traceback is shown
     for noise in ("Trial status", "library warning", "DeprecationWarning", "core_worker.cc", "Checkpoint successfully",
                   "(raylet)", "PYTHON worker processes"):

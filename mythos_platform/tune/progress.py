@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ..console import progress
+from ..console import finish, progress
 
 
 def _short(trial_id: str) -> str:
@@ -22,8 +22,12 @@ def _short(trial_id: str) -> str:
 
 
 class SweepProgress(Callback):
-    def __init__(self, metric: str, total: int, keys: list[str]) -> None:
-        self.metric, self.total, self.keys = metric, total, keys
+    def __init__(self, metric: str, total: int, keys: list[str], name: str = "") -> None:
+        self.metric, self.total, self.keys, self.name = metric, total, keys, name
+
+    def _ended(self, trial: Any) -> None:
+        """The trial's training bar ends where the trial did (its run is `<sweep>-<trial id>`)."""
+        finish(f"{self.name}-{trial.trial_id}")
 
     def _values(self, trial: Any) -> str:
         cfg = trial.config or {}
@@ -50,9 +54,11 @@ class SweepProgress(Callback):
         value = r.get(self.metric)
         figure = f"{self.metric} {value:.3f}" if isinstance(value, (int, float)) else f"no {self.metric} yet"
         how = "finished" if r.get("completed") else "stopped early by the scheduler"
+        self._ended(trial)
         self._say(trials, trial, "TERMINATED", f"trial {_short(trial.trial_id)} {how} at step "
                                                f"{r.get('step', '?')}: {figure} ({self._values(trial)})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial)
         self._say(trials, trial, "ERROR",
                   f"trial {_short(trial.trial_id)} failed ({self._values(trial)}); its error is in the log")

@@ -404,7 +404,7 @@ def _tuner(cfg: SweepConfig, base: PretrainConfig, params: list[Param], root: Pa
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(tune_root), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[SweepProgress(cfg.search.metric, cfg.num_trials(),
-                                                           [p.key for p in params])]),
+                                                           [p.key for p in params], cfg.name)]),
     )
 
 
