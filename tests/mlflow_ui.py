@@ -63,8 +63,9 @@ def mlflow_ui(store: Path, timeout: float = 90.0) -> Iterator[str]:
 
 
 def artifact_page(url: str, experiment_id: str, run_id: str, path: str) -> str:
-    """The UI page of one artifact of a run (the run's Artifacts tab, the file opened)."""
-    return f"{url}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}"
+    """The UI page of one artifact of a run (the run's Artifacts tab, the file opened), in the UI's
+    model-training view (a fresh browser profile would start in its GenAI view)."""
+    return f"{url}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}?workflowType=machine_learning"
 
 
 def chromium(page: str, *args: str, budget_ms: int = 20_000, timeout: float = 120.0) -> str:

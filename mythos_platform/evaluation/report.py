@@ -3,6 +3,8 @@ plot, the MLflow metric names of a point and its progress line."""
 
 from __future__ import annotations
 
+import re
+
 from typing import Any, Sequence
 
 from evals.task_data import floor_start_symbol, shallow_floor, task_hops
@@ -109,7 +111,7 @@ def loops_figure(points: Sequence[EvalPoint], limit: float | None = None, name: 
     panels = [("higher is better", up)] + ([("lower is better", down)] if down else [])
     fig, axes = new_panels(len(panels))
     for i, (ax, (title, group)) in enumerate(zip(axes, panels)):
-        for task, ps in sorted(group.items()):
+        for task, ps in sorted(group.items(), key=lambda kv: _natural(kv[0])):  # pointer_k2 before _k10
             ps = sorted(ps, key=lambda p: p.n_loops)
             metric = ps[0].primary
             line, = ax.plot([p.n_loops for p in ps], [p.metrics.get(metric, float("nan")) for p in ps], marker="o",
@@ -118,12 +120,16 @@ def loops_figure(points: Sequence[EvalPoint], limit: float | None = None, name: 
             if floor is not None:
                 ax.axhline(floor, color=line.get_color(), linestyle=":", alpha=0.6)
         ax.set_xscale("log", base=2)
-        who = f"{name}: " if name else ""
         ax.set_ylabel("score (the task's primary metric)")
         style_axes(ax, xlabel="inference loops", legend="outside" if len(group) > 6 else "best",
-                   title=f"{who}score vs loops ({title}; dotted: answer = start)" if i == 0
-                   else f"{who}score vs loops ({title})")
+                   title=f"score vs loops ({title}; dotted: answer = start)" if i == 0 else f"score vs loops ({title})")
+    if name:
+        fig.suptitle(name, fontsize=10)
     return fig
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _metric_key(*parts: str) -> str:
