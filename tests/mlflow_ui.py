@@ -9,7 +9,9 @@ needs (no background networking, no component updates) and a fresh profile.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +40,8 @@ def mlflow_ui(store: Path, timeout: float = 90.0) -> Iterator[str]:
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{store}",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
@@ -54,12 +57,14 @@ def mlflow_ui(store: Path, timeout: float = 90.0) -> Iterator[str]:
                     raise RuntimeError(f"mlflow server did not start: {log.read().decode()[-3000:]}")
                 time.sleep(0.5)
             yield url
-        finally:
-            proc.terminate()
+        finally:  # the CLI and the uvicorn server it starts: the whole process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def artifact_page(url: str, experiment_id: str, run_id: str, path: str) -> str:
