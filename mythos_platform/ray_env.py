@@ -151,7 +151,21 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-WORKER_SETUP_HOOK = f"{__name__}.loopback_worker_setup"
+def worker_setup() -> None:
+    """What every worker of a job started by `init_ray` runs first (runtime_env
+    worker_process_setup_hook): `loopback_worker_setup`, and RAY_ADDRESS pinned to the worker's own
+    cluster. Ray's state API (which Ray Train's placement-group cleaner and Tune call without an
+    address) otherwise looks for a cluster on the machine and fails with "Found multiple active Ray
+    instances" when another one runs there (a second job, a test run beside a demo), and the
+    placement groups of stopped runs then stay behind, holding their CPUs."""
+    loopback_worker_setup()
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+WORKER_SETUP_HOOK = f"{__name__}.worker_setup"
 
 
 def is_loopback_address(address: str) -> bool:

@@ -243,6 +243,32 @@ def _ping(proc) -> str:
     return ""
 
 
+SECOND_RAY = textwrap.dedent('''
+    from mythos_platform.ray_env import init_ray
+    import ray
+
+    init_ray(num_cpus=1)
+
+    @ray.remote(num_cpus=0)
+    def state_api_without_address():
+        from ray.util.state import list_nodes  # what Ray Train's placement-group cleaner calls
+        return len(list_nodes())
+
+    print("NODES", ray.get(state_api_without_address.remote()))
+''')
+
+
+@pytest.mark.ray
+def test_a_job_beside_another_cluster_finds_its_own(private_ray, isolated_env, tmp_path):
+    """With a second private cluster on the machine (the module's probe), a worker's state API call
+    without an address reaches its own cluster instead of failing on "multiple active Ray instances"."""
+    script = tmp_path / "second.py"
+    script.write_text(SECOND_RAY)
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=isolated_env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0 and "NODES 1" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+
 @pytest.mark.ray
 def test_private_cluster_listens_on_loopback_only(private_ray):
     _, result = private_ray
