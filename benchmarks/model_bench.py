@@ -2,6 +2,7 @@
 
     python benchmarks/model_bench.py                      # CPU fp32, sizes debug and small (dim 512)
     python benchmarks/model_bench.py --device cuda --dtype bf16 --sizes small,1b-shaped
+    python benchmarks/model_bench.py --sizes none --compile-size debug   # compiled loop body vs eager only
 
 Every timing is the best of several repetitions (robust to other processes on a small
 machine), and MFU divides model FLOP/s (mythos.sizing.flops_per_token) by the matmul FLOP/s
@@ -12,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 from mythos import KVCache, Mythos, get_variant
+from mythos.compile import compile_loop_body
 from mythos.ffn import SwiGLU
 from mythos.generation import SamplingParams, stream
 from mythos.moe import MoE
@@ -68,24 +74,25 @@ def forward_tokens_per_s(model: Mythos, ctx: Ctx, batch: int, seq: int, loops: i
     return batch * seq / best_time(fwd, ctx.reps, ctx.device)
 
 
-def decode_ms_per_token(model: Mythos, ctx: Ctx, loops: int, prompt: int = 32, new: int = 16) -> float:
+def decode_median_s(model: Mythos, ctx: Ctx, loops: int, prompt: int = 32, new: int = 16) -> float:
+    """One greedy generation at batch 1 with the KV cache: the median seconds per decoded token."""
     ids = [list(range(1, prompt + 1))]
     params = SamplingParams(max_new_tokens=new, temperature=0.0, n_loops=loops)
-
-    def run():
-        times = []
-        gen = stream(model, ids, params)
-        with ctx.autocast():
-            next(gen)  # prefill + first token
+    times = []
+    gen = stream(model, ids, params)
+    with ctx.autocast():
+        next(gen)  # prefill + first token
+        t0 = time.perf_counter()
+        for _ in gen:
+            sync(ctx.device)
+            times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            for _ in gen:
-                sync(ctx.device)
-                times.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-        return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2]
 
-    run()
-    return 1000 * min(run() for _ in range(max(1, ctx.reps // 2)))
+
+def decode_ms_per_token(model: Mythos, ctx: Ctx, loops: int, prompt: int = 32, new: int = 16) -> float:
+    decode_median_s(model, ctx, loops, prompt, new)
+    return 1000 * min(decode_median_s(model, ctx, loops, prompt, new) for _ in range(max(1, ctx.reps // 2)))
 
 
 @torch.inference_mode()
@@ -96,6 +103,77 @@ def measured_cache_numbers_per_layer(cfg, ctx: Ctx) -> float:
     n_slots = len(cache.slots)
     elem = next(iter(cache.slots.values())).buffers[0].element_size()
     return cache.bytes_per_token() / elem / n_slots
+
+
+def interleaved_best(fns: dict[str, Callable[[], float | None]], reps: int, device: torch.device
+                     ) -> dict[str, tuple[float, float]]:
+    """Each fn run `reps` times, taking turns (so they share the machine's load): per fn, the best
+    (wall seconds, this process's CPU seconds); a fn that returns a time is timed by it (wall)."""
+    best = {k: (math.inf, math.inf) for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            own = fn()
+            sync(device)
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            best[k] = (min(best[k][0], wall if own is None else own), min(best[k][1], cpu))
+    return best
+
+
+def compiled_vs_eager(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> None:
+    """The loop body compiled (mythos.compile, inductor) against eager: a train step (batch x seq,
+    `loops` loops, the last half differentiated) and greedy decoding at batch 1 with the KV cache,
+    the two taking turns rep by rep so that the ratio is measured under one load; the first compiled
+    calls (tracing, code generation, the one recompile for decode's symbolic length) timed apart."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, comp = build(cfg, ctx), build(cfg, ctx)
+    compile_loop_body(comp)
+    x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
+
+    def trainer(model: Mythos) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.device.type == "cuda")
+
+        def step() -> None:
+            with ctx.autocast():
+                out = model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=max(1, loops // 2))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    steps = {"eager": trainer(eager.train()), "compiled": trainer(comp.train())}
+    t0 = time.perf_counter()
+    steps["compiled"]()
+    sync(ctx.device)
+    warm_train = time.perf_counter() - t0
+    steps["eager"]()
+    train = interleaved_best(steps, ctx.reps, ctx.device)
+    eager.eval(), comp.eval()
+    t0 = time.perf_counter()
+    decode_median_s(comp, ctx, loops, new=8)
+    decode_median_s(comp, ctx, loops, prompt=24, new=8)  # a second length: the symbolic one
+    warm_decode = time.perf_counter() - t0
+    decode_median_s(eager, ctx, loops)
+    graphs = counters["stats"]["unique_graphs"]
+    dec = interleaved_best({k: (lambda m=m: decode_median_s(m, ctx, loops)) for k, m in
+                            (("eager", eager), ("compiled", comp))}, ctx.reps, ctx.device)
+    recompiled = counters["stats"]["unique_graphs"] - graphs  # 0: the timed generations compiled nothing
+    with torch.inference_mode():
+        y = x[:1, :64]
+        diff = (comp(y, n_loops=loops).logits - eager(y, n_loops=loops).logits).abs().max().item()
+    (tw_e, tc_e), (tw_c, tc_c) = train["eager"], train["compiled"]
+    d_e, d_c = dec["eager"][0], dec["compiled"][0]
+    print(f"train step       eager {tw_e * 1000:8.1f} ms   compiled {tw_c * 1000:8.1f} ms   ratio {tw_e / tw_c:.2f}x"
+          f"   (CPU time {tc_e * 1000:.0f} vs {tc_c * 1000:.0f} ms: {tc_e / tc_c:.2f}x)   batch {batch} x {seq}, "
+          f"{loops} loops, bptt {max(1, loops // 2)}")
+    print(f"decode           eager {d_e * 1000:8.2f} ms/token   compiled {d_c * 1000:8.2f} ms/token   "
+          f"ratio {d_e / d_c:.2f}x   (batch 1, KV cache, {loops} loops)")
+    inductor = counters["inductor"]
+    print(f"compile          first train step {warm_train:.1f} s, first two generations {warm_decode:.1f} s "
+          f"(inductor's graph cache: {inductor['fxgraph_cache_hit']} hits, {inductor['fxgraph_cache_miss']} misses; "
+          f"a miss generates code); graphs compiled while decoding was timed: {recompiled}; "
+          f"max |logits diff| {diff:.1e}")
 
 
 def moe_vs_dense(dim: int, ctx: Ctx, tokens: int = 4096) -> tuple[float, float, float]:
@@ -130,6 +208,11 @@ def main() -> None:
     ap.add_argument("--train-loops", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
+    ap.add_argument("--compile-size", default="debug",
+                    help="variant of the compiled-vs-eager section (train step and decode), with integer "
+                         "overrides after colons (debug:n_experts=0: dense); 'none' skips it")
+    ap.add_argument("--compile-batch", type=int, default=4)
+    ap.add_argument("--compile-seq", type=int, default=128)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +226,7 @@ def main() -> None:
           f"flash_attn={'yes' if flash_attn_available() else 'no (SDPA)'} torch={torch.__version__}")
     goals: list[tuple[str, bool, str]] = []
 
-    for name in args.sizes.split(","):
+    for name in [n for n in args.sizes.split(",") if n and n != "none"]:
         cfg = get_variant(name)
         if cfg.max_seq_len < args.seq + 64:
             cfg = cfg.replace(max_seq_len=args.seq + 64)
@@ -166,6 +249,15 @@ def main() -> None:
         print("forward          " + "  ".join(f"{n:2d} loops {v:8.0f} tok/s" for n, v in fwd.items()))
         dec = {n: decode_ms_per_token(model, ctx, n) for n in (4, 16)}
         print("decode           " + "  ".join(f"{n:2d} loops {v:6.1f} ms/token" for n, v in dec.items()))
+
+    if args.compile_size != "none":
+        t0 = time.perf_counter()
+        name, *overrides = args.compile_size.split(":")
+        cfg = get_variant(name, **{k: int(v) for k, v in (o.split("=") for o in overrides)})
+        print(f"\n== compiled loop body vs eager ({args.compile_size}: dim={cfg.dim} experts={cfg.n_experts}; "
+              "torch.compile of the core layers, inductor, docs/performance.md)")
+        compiled_vs_eager(cfg, ctx, args.compile_batch, args.compile_seq, args.train_loops)
+        print(f"(this section: {time.perf_counter() - t0:.0f} s)")
 
     print("\n== KV cache (numbers per token per layer-slot, measured on debug-shaped models)")
     gqa = measured_cache_numbers_per_layer(get_variant("debug"), ctx)

@@ -31,6 +31,13 @@ Three sections, each printed as a table with a PASS/MISS verdict:
    memory live just before it (parameters, AdamW state, the batch): activations kept for the
    backward pass, gradients and transient buffers. PASS when the fixed-depth row stays within
    10% of its smallest value (the full-backprop row is expected to grow linearly).
+   With activation checkpointing (`--ac none,block,iteration`, the default; `--ac none` for the
+   plain table only) the same measurement per mode (`train.activation_checkpointing`,
+   mythos_platform/train/activation_checkpointing.py): peak and saved MiB against the loop count
+   at bptt_depth=2 and against the backprop depth at the deepest loop count, the peak's slope per
+   differentiated iteration, and ms/step of each mode at the deepest timed loop count (full and
+   truncated backprop, best of N interleaved): the price of the recomputation. PASS when, at full
+   backprop, iteration < block < none.
 
    How memory is measured on CPU (torch has no peak counter for its CPU allocator):
    one fresh subprocess per configuration, so no configuration inherits another's heap.
@@ -130,9 +137,12 @@ class Trainer:
     device: torch.device
 
     @classmethod
-    def build(cls, mcfg, batch: int, seq: int, device: torch.device) -> "Trainer":
+    def build(cls, mcfg, batch: int, seq: int, device: torch.device, ac: str = "none") -> "Trainer":
+        """`ac`: activation checkpointing mode (none | block | iteration), as train.activation_checkpointing."""
+        from mythos_platform.train.activation_checkpointing import apply_activation_checkpointing
+
         torch.manual_seed(0)
-        model = Mythos(mcfg).to(device).train()
+        model = apply_activation_checkpointing(Mythos(mcfg).to(device).train(), ac)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         x = torch.randint(0, min(256, mcfg.vocab_size), (batch, seq + 1), device=device)
         return cls(model, opt, x, device)
@@ -344,14 +354,14 @@ def saved_activation_step(tr: Trainer, loops: int, bptt: int) -> int:
 
 
 def measure_step_memory(mcfg_dict: dict, loops: int, bptt: int, batch: int, seq: int, device: str,
-                        threads: int) -> dict:
+                        threads: int, ac: str = "none") -> dict:
     """Peak bytes of one training step above the memory live before it (run this in a fresh process on CPU)."""
     from mythos.config import MythosConfig
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
     mcfg = MythosConfig.from_dict(mcfg_dict)
-    tr = Trainer.build(mcfg, batch, seq, dev)
+    tr = Trainer.build(mcfg, batch, seq, dev, ac)
     if dev.type == "cuda":
         saved = saved_activation_step(tr, loops, bptt)  # also the warm-up
         tr.opt.zero_grad(set_to_none=True)
@@ -378,45 +388,65 @@ def measure_step_memory(mcfg_dict: dict, loops: int, bptt: int, batch: int, seq:
 
 
 def step_memory(mcfg, loops: int, bptt: int, batch: int, seq: int, device: torch.device,
-                threads: int = 2) -> dict:
+                threads: int = 2, ac: str = "none") -> dict:
     """`measure_step_memory` in a fresh subprocess (CPU) or in this process (CUDA)."""
     if device.type == "cuda":
-        return measure_step_memory(mcfg.to_dict(), loops, bptt, batch, seq, "cuda", threads)
+        return measure_step_memory(mcfg.to_dict(), loops, bptt, batch, seq, "cuda", threads, ac)
     spec = json.dumps({"cfg": mcfg.to_dict(), "loops": loops, "bptt": bptt, "batch": batch, "seq": seq,
-                       "threads": threads})
+                       "threads": threads, "ac": ac})
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_mem-child", spec],
                           capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory subprocess failed (loops={loops}, bptt={bptt}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"memory subprocess failed (loops={loops}, bptt={bptt}, ac={ac}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_configs(mcfg, configs, batch: int, seq: int, device: torch.device, jobs: int = 2,
+                    threads: int = 1) -> dict[tuple[int, int, str], dict]:
+    """`step_memory` of every (loops, bptt, ac) in `configs`, each measured once.
+
+    CPU: `jobs` subprocesses at a time (each process measures only itself, so running them
+    side by side does not change the figures, only the wall time)."""
+    order = sorted(set(configs), key=lambda c: -(c[0] + 4 * c[1]))  # longest first
+    if device.type == "cuda":
+        return {c: step_memory(mcfg, c[0], c[1], batch, seq, device, threads, c[2]) for c in order}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futs = {c: pool.submit(step_memory, mcfg, c[0], c[1], batch, seq, device, threads, c[2]) for c in order}
+        return {c: f.result() for c, f in futs.items()}
+
+
+def memory_configs(loops_list, bptt_fixed: int, ac_modes=("none",)) -> list[tuple[int, int, str]]:
+    """Section 3's configurations: per loop count, bptt_fixed and full backprop (no checkpointing);
+    with other `ac_modes`, per mode: every loop count at bptt_fixed, and the deepest loop count at
+    every backprop depth in `loops_list` (configurations that coincide are measured once)."""
+    out = [(n, min(bptt_fixed, n), "none") for n in loops_list] + [(n, n, "none") for n in loops_list]
+    deepest = max(loops_list)
+    for mode in ac_modes:
+        out += [(n, min(bptt_fixed, n), mode) for n in loops_list]
+    if any(m != "none" for m in ac_modes):
+        out += [(deepest, k, mode) for mode in ("none", *ac_modes) for k in loops_list]
+    return out
 
 
 def memory_table(mcfg, loops_list, bptt_fixed: int, batch: int, seq: int, device: torch.device,
                  jobs: int = 2, threads: int = 1) -> dict[str, list[dict]]:
-    """{"fixed": [...], "full": [...]} of `step_memory` results per loop count.
-
-    CPU: `jobs` subprocesses at a time (each process measures only itself, so running them
-    side by side does not change the figures, only the wall time); configurations that
-    coincide (loops <= bptt_fixed) are measured once."""
-    configs = {(n, min(bptt_fixed, n)) for n in loops_list} | {(n, n) for n in loops_list}
-    order = sorted(configs, key=lambda c: -(c[0] + 4 * c[1]))  # longest first
-    if device.type == "cuda":
-        res = {c: step_memory(mcfg, *c, batch, seq, device, threads) for c in order}
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futs = {c: pool.submit(step_memory, mcfg, *c, batch, seq, device, threads) for c in order}
-            res = {c: f.result() for c, f in futs.items()}
-    return {"fixed": [res[(n, min(bptt_fixed, n))] for n in loops_list],
-            "full": [res[(n, n)] for n in loops_list]}
+    """{"fixed": [...], "full": [...]} of `step_memory` results per loop count (no checkpointing)."""
+    res = measure_configs(mcfg, memory_configs(loops_list, bptt_fixed), batch, seq, device, jobs, threads)
+    return {"fixed": [res[(n, min(bptt_fixed, n), "none")] for n in loops_list],
+            "full": [res[(n, n, "none")] for n in loops_list]}
 
 
-def section_memory(args, mcfg, device: torch.device) -> bool:
+def section_memory(args, mcfg, device: torch.device) -> dict[str, bool]:
     loops_list, k = args.mem_loops, args.bptt
+    modes = [m for m in args.ac if m != "none"]
     loop_heading(3, "Peak memory of one training step", args, "; MiB above what is live before the step")
-    tab = memory_table(mcfg, loops_list, k, args.batch, args.seq, device, args.mem_jobs, args.mem_threads)
+    res = measure_configs(mcfg, memory_configs(loops_list, k, modes), args.batch, args.seq, device,
+                          args.mem_jobs, args.mem_threads)
+    tab = {"fixed": [res[(n, min(k, n), "none")] for n in loops_list],
+           "full": [res[(n, n, "none")] for n in loops_list]}
     method = tab["fixed"][0]["method"]
     print(f"   peak: {method}, one fresh process per configuration; "
           f"saved: activations autograd keeps for backward (exact)")
@@ -432,6 +462,111 @@ def section_memory(args, mcfg, device: torch.device) -> bool:
     print(f"   bptt={k}: max/min - 1 = {spread * 100:.1f}% (goal <= 10%)  {verdict(ok)}")
     print(f"   full bptt: {full[-1] / max(full[0], 1):.1f}x from {loops_list[0]} to {loops_list[-1]} loops, "
           f"{slope:.1f} MiB/loop + {icpt:.1f} MiB (R^2 {r2:.4f})")
+    out = {"3 fixed-depth memory flat": ok}
+    if modes:
+        out["3 checkpointing: iteration < block < none"] = checkpointing_memory(args, res, ["none", *modes])
+        checkpointing_time(args, mcfg, device, ["none", *modes])
+    return out
+
+
+def checkpointing_memory(args, res: dict, modes: list[str]) -> bool:
+    """The peak (and saved) MiB of each activation checkpointing mode against loops and backprop depth."""
+    loops_list, k, deepest = args.mem_loops, args.bptt, max(args.mem_loops)
+    print("   activation checkpointing (train.activation_checkpointing), peak MiB / saved MiB:")
+    rows = {"loops": [(n, min(k, n)) for n in loops_list], "bptt": [(deepest, b) for b in loops_list]}
+    for axis, head in (("loops", f"at bptt={k}, loops"), ("bptt", f"at {deepest} loops, bptt")):
+        print(f"   {head:<20}" + "".join(f"{n:>14}" for n in loops_list))
+        for mode in modes:
+            cells = [res[(n, b, mode)] for n, b in rows[axis]]
+            print(f"   {mode:<20}" + "".join(f"{r['peak'] / MIB:>7.1f} /{r['saved'] / MIB:>5.1f}" for r in cells))
+    slopes = {}
+    for mode in modes:
+        slopes[mode] = linear_fit(loops_list, [res[(deepest, b, mode)]["peak"] / MIB for b in loops_list])[0]
+    print("   peak per differentiated iteration (fit over bptt): "
+          + ", ".join(f"{m} {v:.2f} MiB" for m, v in slopes.items()))
+    peaks = [res[(deepest, deepest, m)]["peak"] for m in modes]
+    ok = all(a > b for a, b in zip(peaks, peaks[1:]))
+    print(f"   at {deepest} loops, full backprop: " + " > ".join(f"{m} {p / MIB:.1f}" for m, p in zip(modes, peaks))
+          + f" MiB  {verdict(ok)}")
+    return ok
+
+
+def checkpointing_time(args, mcfg, device: torch.device, modes: list[str]) -> None:
+    """ms/step of each mode at the deepest timed loop count, full and truncated backprop (best of
+    args.reps, the repetitions interleaved over modes and configurations)."""
+    loops = max(args.time_loops)
+    configs = [(loops, loops), (loops, min(args.bptt, loops))]
+    trainers = {m: Trainer.build(mcfg, args.batch, args.seq, device, m) for m in modes}
+    for tr in trainers.values():
+        for c in configs:
+            tr.step(*c)
+    best = {(m, c): float("inf") for m in modes for c in configs}
+    for _ in range(args.reps):
+        for m, tr in trainers.items():
+            for c in configs:
+                best[(m, c)] = min(best[(m, c)], tr.timed_step(*c))
+    for c in configs:
+        base = best[(modes[0], c)]
+        cells = [f"{m} {best[(m, c)] * 1e3:.1f}" + ("" if m == modes[0] else f" ({best[(m, c)] / base - 1:+.0%})")
+                 for m in modes]
+        print(f"   ms/step at {c[0]} loops, bptt={c[1]} (best of {args.reps}): " + ", ".join(cells))
+
+
+# ---------------------------------------------------------------------------------------
+# 4. The memory plan against the measurement
+# ---------------------------------------------------------------------------------------
+PLAN_CONFIGS = {
+    "debug (GQA, MoE)": {},
+    "MLA, MoE, 2 core layers": {"attn_type": "mla", "q_lora_rank": 64, "core_layers": 2},
+    "dense, no ACT": {"n_experts": 0, "act_enabled": False, "core_layers": 2, "tie_embeddings": False},
+}
+
+
+def planned_step_memory(mcfg, loops: int, bptt: int, batch: int, seq: int, ac: str) -> dict:
+    """What mythos/memory_plan.py predicts for `measure_step_memory` on CPU (fp32, one process):
+    the saved bytes, and the peak above what is live before the step: the activation peak, plus,
+    with checkpointing, the gradients that exist when it comes (the peak is then a recomputation
+    inside the loop, after the backward pass of the head, the loop's glue and the coda)."""
+    from mythos.memory_plan import StepShape, activation_bytes, param_layout
+    from mythos.sizing import meta_model
+
+    fused = not (mcfg.attn_type == "mla" and mcfg.qk_nope_head_dim + mcfg.qk_rope_head_dim != mcfg.v_head_dim)
+    act = activation_bytes(mcfg, StepShape(batch, seq, loops, bptt, ac, "fp32", fused))
+    model = meta_model(mcfg)
+    tail = param_layout(mcfg, model).root + sum(p.numel() for p in model.coda.parameters())
+    return {"saved": act.saved, "peak": act.peak + (4 * tail if ac != "none" else 0)}
+
+
+def plan_rows(configs: dict, modes, loops: int, bptt: int, batch: int, seq: int, jobs: int = 2,
+              threads: int = 1) -> list[dict]:
+    """Planned against measured (`step_memory`, fresh subprocesses) for each config and mode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [(name, get_variant("debug", **over), mode) for name, over in configs.items() for mode in modes]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futs = [pool.submit(step_memory, m, loops, bptt, batch, seq, torch.device("cpu"), threads, mode)
+                for _, m, mode in todo]
+        measured = [f.result() for f in futs]
+    return [{"config": name, "mode": mode, "measured": got, "plan": planned_step_memory(m, loops, bptt, batch, seq, mode)}
+            for (name, m, mode), got in zip(todo, measured)]
+
+
+def section_plan(args) -> bool:
+    loops, bptt = 6, 3
+    print(f"\n== 4. Memory plan (mythos/memory_plan.py) vs measured  (CPU fp32, batch {args.batch} x seq "
+          f"{args.seq}, {loops} loops, bptt {bptt}; MiB)")
+    configs = dict(list(PLAN_CONFIGS.items())[:2]) if args.quick else PLAN_CONFIGS
+    rows = plan_rows(configs, args.ac, loops, bptt, args.batch, args.seq, args.mem_jobs, args.mem_threads)
+    print(f"   {'config':<26}{'mode':<10}{'saved plan':>11}{'measured':>9}{'':>8}{'peak plan':>11}{'measured':>9}")
+    worst = 0.0
+    for r in rows:
+        sp, sm = r["plan"]["saved"] / MIB, r["measured"]["saved"] / MIB
+        pp, pm = r["plan"]["peak"] / MIB, r["measured"]["peak"] / MIB
+        worst = max(worst, abs(pp / pm - 1))
+        print(f"   {r['config']:<26}{r['mode']:<10}{sp:>11.1f}{sm:>9.1f}{sp / sm - 1:>+8.1%}{pp:>11.1f}{pm:>9.1f}"
+              f"{pp / pm - 1:>+8.1%}")
+    ok = worst <= 0.15
+    print(f"   largest peak difference {worst:.1%} (goal <= 15%)  {verdict(ok)}")
     return ok
 
 
@@ -460,7 +595,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mem-loops", type=ints, default=[2, 4, 8, 16, 32])
     ap.add_argument("--mem-jobs", type=int, default=2, help="memory subprocesses run side by side (CPU)")
     ap.add_argument("--mem-threads", type=int, default=1, help="torch threads of each memory subprocess")
-    ap.add_argument("--only", type=ints, default=[1, 2, 3], help="sections to run, e.g. 2,3")
+    ap.add_argument("--ac", type=lambda v: [m for m in v.split(",") if m], default=["none", "block", "iteration"],
+                    help="activation checkpointing modes section 3 compares (none: the plain table only)")
+    ap.add_argument("--only", type=ints, default=[1, 2, 3, 4], help="sections to run, e.g. 2,3")
     ap.add_argument("--quick", action="store_true", help="smaller run: 10k docs, 2 reps, fewer loop counts")
     ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -475,7 +612,7 @@ def main(argv=None) -> int:
     if args.mem_child is not None:
         spec = json.loads(args.mem_child)
         r = measure_step_memory(spec["cfg"], spec["loops"], spec["bptt"], spec["batch"], spec["seq"], "cpu",
-                                spec["threads"])
+                                spec["threads"], spec.get("ac", "none"))
         print(json.dumps(r))
         return 0
     torch.set_num_threads(args.threads)
@@ -493,7 +630,9 @@ def main(argv=None) -> int:
     if 2 in args.only:
         results["2 step time linear in loops"] = section_step_time(args, mcfg, device)
     if 3 in args.only:
-        results["3 fixed-depth memory flat"] = section_memory(args, mcfg, device)
+        results.update(section_memory(args, mcfg, device))
+    if 4 in args.only and device.type == "cpu":
+        results["4 memory plan within 15% of measured"] = section_plan(args)
     print(f"\n== Summary ({time.perf_counter() - t0:.0f} s)")
     for name, ok in results.items():
         print(f"   {verdict(ok)}  {name}")

@@ -14,11 +14,14 @@
   kernels cannot take (sizes not a multiple of 16 bytes, e.g. dim=30), one matmul per slice with
   a single host sync for the slice sizes (the grouped kernel path has none). The masked per-expert
   loop is kept only in the tests, as the oracle this is compared against.
+- `expert_dispatcher`: a hook through which a parallel runtime runs the experts elsewhere (expert
+  parallelism, mythos_platform/train/expert_parallel.py); routing and combining stay here.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +86,8 @@ _swiglu_experts_eager = torch.compiler.disable(_swiglu_experts)
 
 def _grouped_mm_traceable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether torch.compile can trace the grouped expert matmuls: its shape function for grouped_mm
-    mirrors the CUDA kernel and takes bf16 only, and the per-slice path reads sizes to the host."""
+    mirrors the CUDA kernel and takes bf16 only, and the per-slice path reads sizes to the host.
+    (w2's widths too must be multiples of 8, 16 bytes in bf16, for the second grouped matmul.)"""
     return x.dtype == torch.bfloat16 and _grouped_mm_fits(x, w13) and w2.shape[-1] % 8 == 0 \
         and w2.shape[-2] % 8 == 0
 
@@ -115,6 +119,10 @@ class MoE(nn.Module):
         self.register_buffer("router_bias", torch.zeros(n_experts, dtype=torch.float32))
         # tokens routed to each expert since the last bias update (telemetry and balancing)
         self.register_buffer("expert_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+        self.expert_dispatcher: Callable[[MoE, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        """None: every routed expert runs here. A parallel runtime may install a callable
+        (moe, x_sorted, counts) -> rows of the same shape and order, to run the experts elsewhere
+        (expert parallelism: mythos_platform/train/expert_parallel.py)."""
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)
@@ -130,11 +138,20 @@ class MoE(nn.Module):
         return route(self.router(x), self.router_bias, self.spec)  # the bias only chooses
 
     def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Every expert's SwiGLU on its contiguous slice of x_sorted (rows sorted by expert)."""
+        """Every expert's SwiGLU on its contiguous slice of x_sorted (rows sorted by expert, counts
+        (E,) rows per expert): here, or through the installed `expert_dispatcher`."""
+        if self.expert_dispatcher is not None:
+            return self.expert_dispatcher(self, x_sorted, counts)
+        return self.local_experts(x_sorted, counts, self.w13, self.w2)
+
+    def local_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
+                      w2: torch.Tensor) -> torch.Tensor:
+        """The experts whose weights are w13 (E', D, 2F) and w2 (E', F, D) (all of this layer's, or
+        the slice a dispatcher holds) on rows sorted by expert, counts (E',)."""
         run = _swiglu_experts
-        if torch.compiler.is_compiling() and not _grouped_mm_traceable(x_sorted, self.w13, self.w2):
+        if torch.compiler.is_compiling() and not _grouped_mm_traceable(x_sorted, w13, w2):
             run = _swiglu_experts_eager  # one graph break: this part runs eagerly inside a compiled block
-        return run(x_sorted, counts, self.w13, self.w2)
+        return run(x_sorted, counts, w13, w2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> (output (B, S, D), auxiliary loss (scalar, 0 when disabled))."""

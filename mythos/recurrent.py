@@ -229,7 +229,7 @@ class RecurrentBlock(nn.Module):
         x, update, aux = u, None, u.new_zeros((), dtype=torch.float32)
         for j, layer in enumerate(self.layers):
             slot = cache.slot("core", j, t) if cache is not None else None
-            depth = memory.read(j, rows) if memory is not None else None
+            depth = memory.read(j, rows, t + 1) if memory is not None else None
             d, a = layer(x, rope, mask, slot, start, depth)
             x = x + d
             update = d if update is None else update + d

@@ -6,6 +6,7 @@
     mythos serve    --model models:/mythos-rdt@champion [--detach]
     mythos pipeline [--set keep_serving=false]        # what `make demo` runs
     mythos depth    --config jobs/configs/depth-extrapolation.yaml
+    mythos plan     --variant 1t --gpus 384 --ep 384 --ac block --seq-len 2048 --gpu-memory 80
 
 `--config FILE` is a YAML file of the job's config (defaults: the job's shipped debug config) and
 each `--set key=value` overrides one dotted key (the value is read as YAML: numbers, lists,
@@ -41,12 +42,35 @@ class Job:
     the value is taken as a string (a name or path, not read as YAML), "a,b" as a list for `tasks`."""
     options: Callable[[argparse.ArgumentParser], None] | None = None
     """Flags of the command that are not configuration (e.g. serve's --detach)."""
+    runs_job: bool = True
+    """False for a command that only reads its config (`plan`): no checks against this machine
+    (files, data), no routing of library output to the run root."""
 
 
 def _serve_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--detach", action="store_true", help="return once healthy, leaving the app on the cluster")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the app to become healthy")
 
+
+def _plan_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    ap.add_argument("--gpu-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (default 989, H100)")
+    ap.add_argument("--hfu", type=float, default=0.40, help="assumed hardware FLOPs utilisation (default 0.40)")
+    ap.add_argument("--headroom", type=float, default=0.10, help="fraction of the GPU kept free (default 0.10)")
+    ap.add_argument("--runtime-gb", type=float, default=3.0, help="CUDA context, NCCL, allocator GiB (default 3)")
+    ap.add_argument("--fsdp", type=int, default=None, help="FSDP degree (default: every GPU, as the trainer does)")
+    ap.add_argument("--loops", type=int, default=None, help="loop count (default: train_loops_max for memory, "
+                                                             "train_loops_mean for throughput)")
+
+
+_PLAN_FLAGS = [("--variant", "model.variant", "model size: debug, 1b, 3b, 10b, 50b, 100b, 500b, 1t"),
+               ("--gpus", "scaling.num_workers", "GPUs (one worker each)"),
+               ("--ep", "train.expert_parallel", "expert-parallel degree"),
+               ("--ac", "train.activation_checkpointing", "activation checkpointing: none, block, iteration"),
+               ("--micro-batch", "train.batch_size", "sequences per GPU per micro-batch"),
+               ("--seq-len", "data.seq_len", "tokens per sequence"),
+               ("--bptt", "model.overrides.bptt_depth", "loop iterations under autograd"),
+               ("--dtype", "train.mixed_precision", "bf16 or fp32")]
 
 JOBS: dict[str, Job] = {
     "pretrain": Job("pretrain a Recurrent-Depth Transformer (Ray Train, FSDP2/DDP)",
@@ -71,6 +95,9 @@ JOBS: dict[str, Job] = {
     "depth": Job("depth extrapolation: a looped model and its baseline on 1..16-hop problems",
                  "mythos_platform.depth.config:DepthConfig", "jobs/configs/depth-extrapolation.yaml",
                  "mythos_platform.commands:depth"),
+    "plan": Job("memory per GPU and throughput of a training config on a cluster (no Ray)",
+                "mythos_platform.config:PretrainConfig", None, "mythos_platform.commands:plan",
+                flags=_PLAN_FLAGS, options=_plan_options, runs_job=False),
 }
 
 
@@ -114,17 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     job = JOBS[args.job]
     try:
         cfg = load_config(args.config, args.overrides, cls=_load(job.config_class))
-        if hasattr(cfg, "preflight"):  # what the config alone cannot tell: folders, files, data size
+        if job.runs_job and hasattr(cfg, "preflight"):  # what the config alone cannot tell: folders, files, data size
             cfg.preflight()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .console import route_output
+    from .console import finish, route_output
     from .train.loop import NonFiniteLossError
 
-    log = route_output(_run_root(cfg), args.job, args.verbose)
+    log = route_output(_run_root(cfg), args.job, args.verbose) if job.runs_job else None
     try:
-        return int(_load(job.run)(cfg, args) or 0)
+        try:
+            return int(_load(job.run)(cfg, args) or 0)
+        finally:
+            finish()  # progress bars end where they stand, above whatever is printed next
     except NonFiniteLossError as exc:  # a run stopped on an error a retry would repeat: no traceback
         print(f"error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
         return 1

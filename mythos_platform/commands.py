@@ -114,3 +114,23 @@ def evaluate(cfg, args: argparse.Namespace) -> int:
     return 1 if res.failures or not res.points else 0
 
 
+
+
+def plan(cfg, args: argparse.Namespace) -> int:
+    """Print the memory plan per GPU and the throughput estimate; exit 1 when it does not fit
+    (with what overflows and nearby settings that fit), 2 for a bad setting."""
+    from .config import ConfigError
+    from .plan import Hardware, format_plan, make_plan, overflow_message
+
+    hw = Hardware(gpu_memory_gb=args.gpu_memory, gpu_tflops=args.gpu_tflops, hfu=args.hfu, headroom=args.headroom,
+                  runtime_gb=args.runtime_gb, fsdp=args.fsdp, loops=args.loops)
+    try:
+        p = make_plan(cfg, hw)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(p))
+    if not p.fits:
+        print(f"error: {overflow_message(p)}", file=sys.stderr)
+        return 1
+    return 0

@@ -343,13 +343,18 @@ class TrainConfig(Section):
     loop_loss_weights: Literal["uniform", "linear"] = "uniform"
     """trajectory: weights of the per-loop losses (linear: later loops weigh more)."""
     activation_checkpointing: Literal["none", "block", "iteration"] = "none"
-    """Recompute activations in the backward pass instead of keeping them. none: keep all;
+    """Recompute activations in the backward pass instead of keeping them (~+30% step time on the
+    debug model, mythos_platform/train/activation_checkpointing.py, docs/memory.md). none: keep all;
     block: checkpoint every transformer block call (prelude, coda, and each core layer at each
-    differentiated loop iteration); iteration: checkpoint each differentiated loop iteration's
-    whole stack of core layers (prelude and coda blocks as in `block`)."""
+    differentiated loop iteration; each keeps its input); iteration: checkpoint each differentiated
+    loop iteration whole (input norm, core layers, LoRA, injection; each keeps the state entering
+    it; prelude and coda blocks as in `block`), which keeps least but recomputes all core layers
+    at once: `mythos plan` says which fits."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile of the transformer block the loop runs (compiled once, reused by every
-    iteration and loop count). auto: on where it is measured to help (see docs/performance.md)."""
+    iteration and loop count). auto: on where it is measured to help (see docs/performance.md): on
+    CUDA, off on a CPU (there it gains 0.97-1.07x a train step for ~4 s, or ~45 s with a cold
+    inductor cache, of compiling per worker process)."""
     expert_parallel: int = 1
     """Expert-parallel degree: routed experts sharded over groups of this many workers with
     all-to-all token dispatch; 1 = off. Must divide scaling.num_workers and the model's n_experts."""

@@ -69,6 +69,19 @@ def test_gradients_and_expert_loads_equal_the_plain_models(name):
             assert torch.equal(m.expert_load, m_plain.expert_load), mode
 
 
+def test_a_graph_backpropagated_twice_recomputes_twice_and_counts_once():
+    cfg, x = CONFIGS["mla-moe"], batch()
+    plain, model = model_for(cfg, "none"), model_for(cfg, "block")
+    for m in (plain, model):
+        out = m(x[:, :-1], targets=x[:, 1:], n_loops=LOOPS, bptt_depth=BPTT)
+        out.loss.backward(retain_graph=True)
+        out.loss.backward()
+    for p, q in zip(plain.parameters(), model.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a.expert_load, b.expert_load) for a, b in zip(plain.moe_layers(), model.moe_layers()))
+
+
 def test_checkpointing_saves_less_and_iteration_keeps_about_one_state_per_iteration():
     cfg, x = CONFIGS["mla-moe"], batch()
     state = x.shape[0] * (x.shape[1] - 1) * cfg.dim * 4  # one fp32 (B, S, D) tensor

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_job_has_a_script_a_shipped_config_and_a_command():
-    assert set(JOBS) == {"pretrain", "sweep", "evaluate", "serve", "pipeline", "depth"}
+    assert set(JOBS) == {"pretrain", "sweep", "evaluate", "serve", "pipeline", "depth", "plan"}
     for name, job in JOBS.items():
         assert (ROOT / "jobs" / f"{name}.py").is_file()
-        assert (ROOT / job.default_config).is_file()
+        assert (ROOT / job.default_config).is_file() if name != "plan" else job.default_config is None
         assert f'run_job("{name}")' in (ROOT / "jobs" / f"{name}.py").read_text()
 
 

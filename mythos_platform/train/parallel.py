@@ -4,7 +4,8 @@ The model code knows nothing of this (torchtitan's layout: parallelisms are appl
 model): it is built on the meta device, each transformer block and then the root are sharded with
 `fully_shard` on a 1-D device mesh, and only then are the parameters allocated and initialised.
 gloo on CPU, NCCL + bf16 mixed precision on GPU (the process group itself is set up by Ray
-Train's TorchTrainer).
+Train's TorchTrainer). With expert parallelism the routed experts are sharded first
+(expert_parallel.py) and left out of FSDP2 / DDP; docs/parallelism.md draws the layout.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 from mythos import Mythos, MythosConfig
+from mythos.compile import apply_compile
 
 from .activation_checkpointing import apply_activation_checkpointing
+from .expert_parallel import apply_expert_parallel, expert_param_names, expert_params
 
 
 def world_size() -> int:
@@ -35,34 +38,42 @@ def blocks(model: Mythos) -> list[nn.Module]:
 
 
 def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16: bool, seed: int,
-                prepare: Callable[[Mythos], None] | None = None, activation_checkpointing: str = "none") -> nn.Module:
+                prepare: Callable[[Mythos], None] | None = None, activation_checkpointing: str = "none",
+                expert_parallel: int = 1, compile: str = "off") -> nn.Module:
     """The model, initialised identically on every rank and wrapped for `parallelism`.
 
     `prepare` changes the bare, initialised model before it is wrapped (load weights, initialise
     rows, register a parametrization); it runs identically on every rank. Without it, FSDP2 builds
     on the meta device and initialises after sharding; with it, the model is built and prepared
     whole, then sharded (fine for the sizes that need a `prepare` today). `activation_checkpointing`:
-    none | block | iteration (activation_checkpointing.py), applied before the wrapping."""
+    none | block | iteration (activation_checkpointing.py), applied before the wrapping.
+    `expert_parallel` > 1: the routed experts sharded over groups of that many ranks
+    (expert_parallel.py), sliced from the whole model and left out of FSDP2 / DDP. `compile`:
+    auto | on | off, torch.compile of the loop body's blocks in place (mythos/compile.py)."""
     world = world_size()
+    whole = prepare is not None or expert_parallel > 1
     if parallelism == "fsdp" and world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if prepare is None:
+        if not whole:
             with torch.device("meta"):
                 model = Mythos(cfg)
         else:
             torch.manual_seed(seed)
             model = Mythos(cfg).to(device)
-            prepare(model)
+            if prepare is not None:
+                prepare(model)
+        apply_expert_parallel(model, expert_parallel, device.type)
         apply_activation_checkpointing(model, activation_checkpointing)
+        apply_compile(model, compile, device)
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         for block in blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=expert_params(block) or None)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        if prepare is None:
+        if not whole:
             model.to_empty(device=device)
             torch.manual_seed(seed)
             model.init_weights()
@@ -71,9 +82,13 @@ def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16:
     model = Mythos(cfg).to(device)
     if prepare is not None:
         prepare(model)
+    apply_expert_parallel(model, expert_parallel, device.type)
     apply_activation_checkpointing(model, activation_checkpointing)
+    apply_compile(model, compile, device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
 
         # buffers (router bias, expert load) are kept in step by the trainer, not broadcast; the
         # graph changes with the sampled loop count (e.g. one loop never calls the ACT head)

@@ -53,6 +53,8 @@ from .loop import (
     validate,
 )
 from .metrics import Window, progress_line, say
+from .expert_parallel import reduce_expert_grads
+from .grad_clip import clip_grad_norm_
 from .optim import build_optimizer, build_scheduler
 from .pair_embedding import merge
 from .parallel import all_reduce_mean, all_reduce_min, all_reduce_sum_, autocast, build_model, no_sync, unwrap, use_bf16
@@ -152,7 +154,8 @@ class Trainer:
         t, cfg = self.tcfg, self.cfg
         prepare = (lambda m: prepare_model(m, cfg)) if needs_preparation(cfg) else None
         self.model = build_model(self.model_cfg, t.parallelism, self.device, self.bf16, t.seed, prepare=prepare,
-                                 activation_checkpointing=t.activation_checkpointing)
+                                 activation_checkpointing=t.activation_checkpointing,
+                                 expert_parallel=t.expert_parallel, compile=t.compile)
         self.core = unwrap(self.model)
         self.opt = build_optimizer(self.model, t.lr, t.betas, t.weight_decay, self.device)
         self.sched = build_scheduler(self.opt, t.warmup_steps, t.steps, t.lr, t.min_lr)
@@ -204,9 +207,8 @@ class Trainer:
             loss += task.detach().float().cpu() / t.grad_accum
             if norms is None and out.state_norms:
                 norms = [float(n) for n in out.state_norms]
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        reduce_expert_grads(self.core)  # expert parallelism: the gradients DDP / FSDP2 do not average
+        grad_norm = clip_grad_norm_(self.model.parameters(), t.grad_clip)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm.detach().cpu())
         finite = bool(all_reduce_mean(finite.float()) == 1.0)
         applied = apply_update(finite, t, self.state, self.state.step + 1, float(loss), float(grad_norm))
