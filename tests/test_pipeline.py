@@ -55,8 +55,9 @@ def test_summary_says_what_was_compared_and_ends_with_the_served_answers(capsys,
     print_summary(s, keep_serving=True)
     out = capsys.readouterr().out.rstrip().splitlines()
     assert any(line.startswith("The endpoint stays up") for line in out[:-4])  # the answers stay the last lines
-    assert "pretrained model val_acc 0.990, best sweep trial (t3) val_acc 1.000 -> champion: the sweep's best " \
-           "trial (models:/mythos-rdt@champion = version 2)" in "\n".join(out)
+    # both registry versions compared, with their figures, and which one won
+    assert "pretrained model (version 1) val_acc 0.990, best sweep trial (t3, version 2) val_acc 1.000 -> champion: " \
+           "the sweep's best trial (models:/mythos-rdt@champion = version 2)" in "\n".join(out)
     assert "solves every depth up to 16 hops at >= 0.95 (4x the trained depth)" in "\n".join(out)
     assert out[-3].strip() == q["prompt"]
     assert out[-2].split() == ["n_loops=8", "->", "'k'", "(right)"]
