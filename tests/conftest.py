@@ -62,3 +62,14 @@ def ray_cluster():
     except Exception:  # Serve never started in this module
         pass
     ray.shutdown()
+
+
+@pytest.fixture
+def one_rank_group(free_port):
+    """A gloo process group of one rank in this process (FSDP2 and DDP paths without Ray)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -4,6 +4,7 @@ fewer saved activations, the same parameter names, nothing checkpointed without 
 from __future__ import annotations
 
 import pytest
+from saved_bytes import saved_bytes as counting_saved_bytes
 import torch
 
 from mythos import Mythos, get_variant
@@ -37,19 +38,10 @@ def train_step(model, x, loops: int = LOOPS, bptt: int = BPTT) -> None:
 
 def saved_bytes(model, x, bptt: int, loops: int = 6) -> int:
     """Bytes autograd saves for backward in one step (unique storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.data_ptr() != 0:
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counting_saved_bytes(model) as total:
         out = model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=bptt)
     (out.loss + out.aux_loss).backward()
-    return sum(seen.values())
+    return total[0]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -138,14 +130,6 @@ def test_build_model_applies_the_mode_and_refuses_an_unknown_one():
         build_model(cfg, "ddp", torch.device("cpu"), False, seed=0, activation_checkpointing="layer")
 
 
-@pytest.fixture
-def one_rank_group(free_port):
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -193,14 +193,6 @@ def test_compiled_blocks_under_activation_checkpointing_give_the_eager_gradients
     assert backend.calls - before >= 2 * 2 * cfg.core_layers  # forward and recomputation, compiled
 
 
-@pytest.fixture
-def one_rank_group(free_port):
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_fsdp2_on_compiled_blocks_gives_the_eager_gradients(one_rank_group):

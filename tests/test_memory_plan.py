@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from saved_bytes import saved_bytes
 import torch
 
 from mythos import Mythos, get_variant
@@ -34,19 +35,10 @@ def autograd_saved(cfg, mode: str, B: int, S: int, loops: int, bptt: int) -> int
     """Bytes autograd saves in one forward (unique storages, parameters excluded)."""
     torch.manual_seed(0)
     model = apply_activation_checkpointing(Mythos(cfg).train(), mode)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.data_ptr() != 0:
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
     x = torch.randint(0, 256, (B, S + 1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_bytes(model) as total:
         model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=bptt)
-    return sum(seen.values())
+    return total[0]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
