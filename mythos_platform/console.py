@@ -171,20 +171,20 @@ class Router(io.TextIOBase):
             self.term.write(line + "\n")
             self.term.flush()
 
-    def progress(self, key: str, done: int, total: int, line: str, unit: str) -> None:
+    def progress(self, key: str, done: int, total: int, line: str, unit: str, status: str | None = None) -> None:
         with self._lock:
             self.log.write(line + "\n")
             if self.bars is not None:
-                self.bars.update(key, done, total, _TAG.sub("", line), unit)
+                self.bars.update(key, done, total, _TAG.sub("", line) if status is None else status, unit)
             else:
                 self._show(line)
 
 
-def progress(key: str, done: int, total: int, line: str, unit: str = "") -> None:
-    """Report `done` of `total` for `key` (e.g. "sweep", "evaluation"): a live bar on a routed TTY,
-    else `line` printed as it is."""
+def progress(key: str, done: int, total: int, line: str, unit: str = "", status: str | None = None) -> None:
+    """Report `done` of `total` for `key` (e.g. "sweep", "evaluation"): a live bar on a routed TTY
+    (showing `status` beside the count, default `line`), else `line` printed as it is."""
     if _active is not None:
-        _active.progress(key, done, total, line, unit)
+        _active.progress(key, done, total, line, unit, status)
     else:
         print(line, flush=True)
 

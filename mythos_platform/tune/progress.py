@@ -44,7 +44,8 @@ class SweepProgress(Callback):
         total = max(self.total, len(trials))
         line = (f"[mythos] sweep {len(done)}/{total} trials done"
                 f"{f' ({early} stopped early by the scheduler)' if early else ''}, {running} running | {text}")
-        progress("sweep", len(done), total, line, "trials")
+        status = f"{running} running{f', {early} stopped early' if early else ''} | {text}"
+        progress("sweep", len(done), total, line, "trials", status)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._say(trials, trial, "RUNNING", f"trial {_short(trial.trial_id)} started ({self._values(trial)})")
