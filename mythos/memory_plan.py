@@ -21,8 +21,9 @@ E experts, S sequence, V vocabulary, T = min(bptt_depth, loops) the differentiat
 - MoDA: explicit attention (no fused kernel): H (S + T) fp32 probabilities, their sequence and
   depth parts, the t + 1 stacked depth keys and values;
 - SwiGLU: input, w13 output, silu, product: D + 4F; MoE: the router input and fp32 scores, then per
-  routed copy (k per token): the gathered input, w13 output, silu, product, the expert output and
-  the gated output: k (3D + 4Fe), the shared experts 4 Fsh, and int64 indices;
+  routed copy (k per token): the gathered input, w13 output, silu, product and the expert output
+  gathered back into token order (the weighted sum keeps no copy of its own): k (2D + 4Fe), the
+  shared experts 4 Fsh, and int64 indices;
 - the loop, per differentiated iteration: the input norm (2D + 1), the state (D), the depth-wise
   LoRA (2 r) and ACT's per-position floats; the truncated iterations keep nothing (no_grad);
 - once: e_norm, e, the last state (ACT), the final norm and head input, the loss's fp32
@@ -96,7 +97,7 @@ def swiglu(cfg: MythosConfig, hidden: int) -> Per:
 def moe(cfg: MythosConfig) -> Per:
     k, D = cfg.top_k, cfg.dim
     shared = 4 * cfg.n_shared_experts * cfg.expert_dim
-    return Per(D + k * (3 * D + 4 * cfg.expert_dim) + shared, 4 * cfg.n_experts + 8 + 32 * k)
+    return Per(D + k * (2 * D + 4 * cfg.expert_dim) + shared, 4 * cfg.n_experts + 8 + 32 * k)
 
 
 def attention_kept(cfg: MythosConfig, fused: bool, seq: int, core: bool, entries: float) -> Per:

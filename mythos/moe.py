@@ -14,6 +14,11 @@
   kernels cannot take (sizes not a multiple of 16 bytes, e.g. dim=30), one matmul per slice with
   a single host sync for the slice sizes (the grouped kernel path has none). The masked per-expert
   loop is kept only in the tests, as the oracle this is compared against.
+- Token copies move by gathers only, forward and backward (`_Dispatch`, `_Combine`): the copies
+  are a permutation of (token, slot) pairs, so the gradient of each gather is the gather by the
+  inverse permutation (plus a sum over the k slots for the dispatch), not autograd's `index_add_`
+  scatter, and the gate weighting is one reduction over the k slots. On CPU this removed the
+  top costs of the layer's profile (`index_add_` and `scatter_add_`, docs/performance.md).
 - `expert_dispatcher`: a hook through which a parallel runtime runs the experts elsewhere (expert
   parallelism, mythos_platform/train/expert_parallel.py); routing and combining stay here.
 """
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ffn import SwiGLU
+from .ffn import SwiGLU, swiglu
 from .router import RouterSpec, route
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
@@ -65,20 +70,66 @@ class _Groups:
         return self._sizes
 
 
+_GROUPED_MM_DEVICES = ("cuda",)
+"""Device types whose experts run through the grouped kernel when the shapes fit. Not the CPU:
+there torch's grouped_mm took 118 ms fwd+bwd against 90 ms for one mm per expert written in
+place (8,192 rows, 16 experts, 512 -> 1024, 2 threads), and a host read of the sizes costs
+nothing. (The tests add "cpu" to run the kernel path too.)"""
+
+
+class _SlicedMatmul(torch.autograd.Function):
+    """x (N, K) rows sorted by group, w (E, K, M), sizes (host ints) -> (N, M): one mm per group,
+    each written into its rows of one output (no `cat`), and in the backward pass each expert's
+    gradient straight into its slice of grad_w."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], w.shape[-1])
+        for e, rows in _slices(sizes):
+            torch.mm(x[rows], w[e], out=out[rows])
+        ctx.save_for_backward(x, w)
+        ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            for e, rows in _slices(ctx.sizes):
+                torch.mm(grad[rows], w[e].t(), out=grad_x[rows])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(w)
+            for e, n in enumerate(ctx.sizes):
+                if n == 0:
+                    grad_w[e].zero_()  # an expert without rows
+            for e, rows in _slices(ctx.sizes):
+                torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
+        return grad_x, grad_w, None
+
+
+def _slices(sizes: list[int]):
+    """(group, row slice) of every group with rows."""
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
 def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: _Groups) -> torch.Tensor:
     """Rows of x sorted by group; rows of group e multiply w[e]. x (N, K), w (E, K, M) -> (N, M)."""
-    if _grouped_mm_fits(x, w):
+    if _grouped_mm_fits(x, w) and (x.device.type in _GROUPED_MM_DEVICES or torch.compiler.is_compiling()):
         offs = torch.cumsum(groups.counts, 0, dtype=torch.int32)
         return _GROUPED_MM(x, w.to(x.dtype), offs=offs)
-    sizes = groups.sizes
-    outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+    return _SlicedMatmul.apply(x.contiguous(), w.to(x.dtype), groups.sizes)
 
 
 def _swiglu_experts(x_sorted: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     groups = _Groups(counts)
-    gate, up = _grouped_matmul(x_sorted, w13, groups).chunk(2, dim=-1)
-    return _grouped_matmul(F.silu(gate) * up, w2, groups)
+    return _grouped_matmul(swiglu(_grouped_matmul(x_sorted, w13, groups)), w2, groups)
 
 
 _swiglu_experts_eager = torch.compiler.disable(_swiglu_experts)
@@ -90,6 +141,51 @@ def _grouped_mm_traceable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
     (w2's widths too must be multiples of 8, 16 bytes in bf16, for the second grouped matmul.)"""
     return x.dtype == torch.bfloat16 and _grouped_mm_fits(x, w13) and w2.shape[-1] % 8 == 0 \
         and w2.shape[-2] % 8 == 0
+
+
+class _Dispatch(torch.autograd.Function):
+    """x (N, D) -> its rows in expert order, x[order // k] (N*k, D): each token's k copies. The
+    backward pass gathers the gradient back into (token, slot) order and sums over the k slots."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        n = inverse.shape[0] // ctx.k
+        return grad.index_select(0, inverse).view(n, ctx.k, -1).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Expert outputs y (N*k, D) in expert order and gate weights (N, k) -> out (N, D), the
+    gate-weighted sum of each token's k outputs. Both directions gather; nothing scatters."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        n, k = gates.shape
+        y_tok = y.index_select(0, inverse).view(n, k, -1)  # (N, k, D): token-major
+        g = gates.to(y.dtype)
+        ctx.save_for_backward(y_tok, g, order)
+        ctx.gates_dtype = gates.dtype
+        out = y_tok[:, 0] * g[:, :1]
+        for j in range(1, k):
+            out.addcmul_(y_tok[:, j], g[:, j:j + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y_tok, g, order = ctx.saved_tensors
+        grad_y = grad_gates = None
+        if ctx.needs_input_grad[0]:
+            grad_y_tok = grad.unsqueeze(1) * g.unsqueeze(-1)  # (N, k, D)
+            grad_y = grad_y_tok.view(-1, grad.shape[-1]).index_select(0, order)
+        if ctx.needs_input_grad[1]:
+            grad_gates = torch.einsum("nkd,nd->nk", y_tok, grad).to(ctx.gates_dtype)
+        return grad_y, grad_gates, None, None
 
 
 class MoE(nn.Module):
@@ -159,15 +255,14 @@ class MoE(nn.Module):
         xf = x.reshape(-1, D)  # (N, D)
         N, k = xf.shape[0], self.top_k
         idx, gates, scores = self.route(xf)
-        flat_expert = idx.reshape(-1)  # (N*k,)
+        flat_expert = idx.reshape(-1)  # (N*k,): copy j of token n at n*k + j
         order = torch.argsort(flat_expert, stable=True)  # token copies grouped by expert
-        token_of = order // k  # source token of each sorted copy
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         # (E,) copies per expert; scatter_add_, not bincount, which reads the max back to the host on CUDA
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert))
-        y = self.experts(xf[token_of], counts)  # (N*k, D)
-        y = y * gates.reshape(-1)[order, None].to(y.dtype)
-        out = torch.zeros_like(xf).index_add_(0, token_of, y)
+        y = self.experts(_Dispatch.apply(xf, order, inverse, k), counts)  # (N*k, D)
+        out = _Combine.apply(y, gates, order, inverse).to(xf.dtype)
         if self.shared is not None:
             out = out + self.shared(xf)
         if self.training:

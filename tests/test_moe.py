@@ -35,7 +35,9 @@ def make_moe(**kw):
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_dispatch_matches_masked_oracle_forward_and_backward(monkeypatch, grouped):
-    if not grouped:
+    if grouped:  # the kernel path (CUDA's) on CPU too; the default there is one mm per expert
+        monkeypatch.setattr(moe_mod, "_GROUPED_MM_DEVICES", ("cuda", "cpu"))
+    else:
         monkeypatch.setattr(moe_mod, "_GROUPED_MM", None)
     moe = make_moe()
     x = torch.randn(3, 10, 32, requires_grad=True)
@@ -75,9 +77,13 @@ def test_grouped_path_is_chosen_by_alignment_and_dtype(monkeypatch):
     assert not moe_mod._grouped_mm_fits(torch.zeros(5, 30), torch.zeros(4, 30, 40))
     assert not moe_mod._grouped_mm_fits(torch.zeros(5, 36), torch.zeros(4, 36, 30))
     assert not moe_mod._grouped_mm_fits(torch.zeros(0, 36), w)
-    # the aligned case really runs the grouped kernel (the parametrized oracle test above covers it)
+    # the aligned case really runs the grouped kernel where it is enabled (CUDA; on CPU one mm per
+    # expert is faster), and the per-expert path on CPU by default
     calls = []
     monkeypatch.setattr(moe_mod, "_GROUPED_MM", lambda *a, **k: calls.append(1) or F.grouped_mm(*a, **k))
+    make_moe()(torch.randn(2, 3, 32))
+    assert calls == []
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM_DEVICES", ("cuda", "cpu"))
     make_moe()(torch.randn(2, 3, 32))
     assert len(calls) == 2
     # bf16 at a width that is 16-byte aligned in fp32 but not in bf16: forward and backward run
@@ -218,7 +224,9 @@ def _grouped_moe(**kw):
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_grouped_softmax_routing_dispatch_matches_masked_oracle(monkeypatch, grouped):
-    if not grouped:
+    if grouped:
+        monkeypatch.setattr(moe_mod, "_GROUPED_MM_DEVICES", ("cuda", "cpu"))
+    else:
         monkeypatch.setattr(moe_mod, "_GROUPED_MM", None)
     moe = _grouped_moe()
     with torch.no_grad():
@@ -269,7 +277,9 @@ def test_grouped_routing_keeps_the_dispatch_host_syncs(monkeypatch, kernel, sync
     fallback its one read of the slice sizes; in training as in inference."""
     if kernel and moe_mod._GROUPED_MM is None:
         pytest.skip("this torch has no grouped_mm")
-    if not kernel:
+    if kernel:
+        monkeypatch.setattr(moe_mod, "_GROUPED_MM_DEVICES", ("cuda", "cpu"))
+    else:
         monkeypatch.setattr(moe_mod, "_GROUPED_MM", None)
     moe = _grouped_moe(aux_loss_coef=0.01)
     x = torch.randn(2, 8, 32)

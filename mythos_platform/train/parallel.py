@@ -90,9 +90,10 @@ def build_model(cfg: MythosConfig, parallelism: str, device: torch.device, bf16:
 
         DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
 
-        # buffers (router bias, expert load) are kept in step by the trainer, not broadcast; the
-        # graph changes with the sampled loop count (e.g. one loop never calls the ACT head)
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        # buffers (router bias, expert load) are kept in step by the trainer, not broadcast before
+        # each forward (they are equal on every rank when DDP copies rank 0's once, at wrapping);
+        # the graph changes with the sampled loop count (e.g. one loop never calls the ACT head)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
                     find_unused_parameters=True)
     return model
 
