@@ -1,8 +1,8 @@
 import os
-import socket
 
 import pytest
 import torch
+import ports
 
 # two cores: keep intra-op threads at 2 in all (`make test` runs two pytest workers, one thread
 # each: more threads than cores makes OpenMP spin) and make every test deterministic
@@ -26,16 +26,11 @@ def _seed():
     yield
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def free_port():
-    """A function that returns a TCP port free on 127.0.0.1 right now (for a server's http.port)."""
-    return _free_port
+    """A function that returns a TCP port free on 127.0.0.1 right now (for a server's http.port;
+    `tests/ports.py` says why not the kernel's choice)."""
+    return ports.free_port
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,22 +20,18 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from ports import free_port
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_ui(store: Path, timeout: float = 90.0) -> Iterator[str]:
     """`mlflow server` on the SQLite store at `store` (a run root's mlflow.db) -> its base URL."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{store}",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with tempfile.TemporaryFile() as log:

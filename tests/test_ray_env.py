@@ -6,27 +6,20 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from mythos_platform import ray_env
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _non_loopback(rows):
@@ -88,7 +81,7 @@ def test_loopback_node_is_scoped():
 def test_stop_head_never_runs_ray_stop_and_tolerates_no_head(tmp_path):
     text = (ROOT / "cluster" / "stop_head.sh").read_text()
     assert "ray stop" not in "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    env = {**os.environ, "GCS_PORT": str(_free_port()), "RAY_TMPDIR": str(tmp_path)}
+    env = {**os.environ, "GCS_PORT": str(free_port()), "RAY_TMPDIR": str(tmp_path)}
     (tmp_path / "ray").mkdir()
     out = subprocess.run(["bash", "cluster/stop_head.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=30)
@@ -204,7 +197,7 @@ def _start_probe(env, tmp_dir: Path):
     """Run PRIVATE_RAY (init_ray: a private cluster, or the one RAY_ADDRESS names); (process, result)."""
     script = tmp_dir / "probe.py"
     script.write_text(PRIVATE_RAY)
-    proc = subprocess.Popen([sys.executable, str(script), str(_free_port())], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(free_port())], cwd=ROOT, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -338,8 +331,8 @@ def test_head_runs_a_submitted_job_listens_on_loopback_only_and_stop_head_stops_
     import psutil  # Ray's bundled copy (ray is imported by mythos_platform.ray_env)
 
     proc, result = private_ray
-    env = {**isolated_env, "NUM_CPUS": "2", "GCS_PORT": str(_free_port()), "DASHBOARD_PORT": str(_free_port()),
-           "AGENT_PORT": str(_free_port()), "CLIENT_PORT": str(_free_port()), "RAY_TMPDIR": str(ray_tmp)}
+    env = {**isolated_env, "NUM_CPUS": "2", "GCS_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()),
+           "AGENT_PORT": str(free_port()), "CLIENT_PORT": str(free_port()), "RAY_TMPDIR": str(ray_tmp)}
     state = ray_tmp / "ray" / f"mythos_head_{os.getuid()}_{env['GCS_PORT']}"
     start = subprocess.run(["bash", "cluster/start_head.sh", "--print-env"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=240)
