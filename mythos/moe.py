@@ -132,7 +132,9 @@ def _swiglu_experts(x_sorted: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
     return _grouped_matmul(swiglu(_grouped_matmul(x_sorted, w13, groups)), w2, groups)
 
 
-_swiglu_experts_eager = torch.compiler.disable(_swiglu_experts)
+# torch.compiler.disable, applied on the first call: wrapping at import time imports torch._dynamo,
+# 1.1 s of every process that imports mythos (each Ray worker, Serve replica, test worker)
+_swiglu_experts_eager = torch._disable_dynamo(_swiglu_experts)
 
 
 def _grouped_mm_traceable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:

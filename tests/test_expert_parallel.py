@@ -4,7 +4,6 @@ the single-process MoE and model, and a two-worker Ray Train run against the run
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
