@@ -63,6 +63,55 @@ def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float
     return batch * seq / best_time(step, ctx.reps, ctx.device, warmup=2)
 
 
+@contextlib.contextmanager
+def _kineto_quiet():
+    """The profiler's C++ side (kineto) writes a "profiler_start"/"profiler_stop" line to the
+    process's stderr at every profile, whatever its log level: stderr goes to /dev/null meanwhile."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def step_breakdown(cfg, ctx: Ctx, batch: int, seq: int, loops: int, peak: float) -> dict[str, float]:
+    """Where a train step's time goes, from one profiled step (torch.profiler, FLOPs counted):
+    the share of matmuls (mm, bmm, addmm), of attention (SDPA) and of everything else, and the
+    FLOP/s the matmuls reach as a fraction of `peak`."""
+    from torch.profiler import profile
+
+    model = build(cfg, ctx).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.device.type == "cuda")
+    x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
+
+    def step():
+        with ctx.autocast():
+            out = model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=loops)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with _kineto_quiet(), profile(with_flops=True) as prof:
+        step()
+        sync(ctx.device)
+    events = prof.key_averages()
+    own = (lambda e: e.self_device_time_total) if ctx.device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events)
+    mm = [e for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm")]
+    mm_time = sum(own(e) for e in mm)
+    attn_time = sum(own(e) for e in events if "scaled_dot_product" in e.key or "flash_attn" in e.key)
+    return {"matmul": mm_time / total, "attention": attn_time / total,
+            "matmul_of_peak": sum(e.flops for e in mm) / (mm_time / 1e6) / peak}
+
+
 @torch.inference_mode()
 def forward_tokens_per_s(model: Mythos, ctx: Ctx, batch: int, seq: int, loops: int) -> float:
     x = torch.randint(0, 256, (batch, seq), device=ctx.device)
@@ -259,6 +308,11 @@ def main() -> None:
         print(f"matmul peak      {peak / 1e9:10.1f} GFLOP/s ({dtype_name}, measured this run)")
         print(f"train            {tps:10.0f} tokens/s  (batch {args.batch} x {args.seq}, {L} loops, "
               f"{f.train_step / 1e6:.1f} MFLOP/token)  MFU {mfu:.1%}")
+        parts = step_breakdown(cfg, ctx, args.batch, args.seq, L, peak)
+        rest = 1 - parts["matmul"] - parts["attention"]
+        print(f"step time        matmuls {parts['matmul']:.0%} (at {parts['matmul_of_peak']:.0%} of the peak), attention "
+              f"{parts['attention']:.0%}, the rest {rest:.0%} (norms, injection, LoRA, RoPE, routing, optimizer): "
+              f"MFU {mfu / (1 - rest):.0%} if the rest took no time (one profiled step)")
         if cfg.dim >= 512:
             goals.append((f"MFU >= 80% at dim {cfg.dim} ({name})", mfu >= 0.80, f"{mfu:.1%}"))
         model = build(cfg, ctx).eval()
