@@ -48,7 +48,8 @@ def build(cfg, ctx: Ctx) -> Mythos:
     return Mythos(cfg).to(ctx.device)
 
 
-def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float:
+def train_step(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> Callable[[], None]:
+    """One AdamW training step of a fresh model on random tokens (batch x seq, all `loops` differentiated)."""
     model = build(cfg, ctx).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.device.type == "cuda")
     x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
@@ -60,7 +61,11 @@ def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return batch * seq / best_time(step, ctx.reps, ctx.device, warmup=2)
+    return step
+
+
+def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float:
+    return batch * seq / best_time(train_step(cfg, ctx, batch, seq, loops), ctx.reps, ctx.device, warmup=2)
 
 
 @contextlib.contextmanager
@@ -87,17 +92,7 @@ def step_breakdown(cfg, ctx: Ctx, batch: int, seq: int, loops: int, peak: float)
     FLOP/s the matmuls reach as a fraction of `peak`."""
     from torch.profiler import profile
 
-    model = build(cfg, ctx).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.device.type == "cuda")
-    x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
-
-    def step():
-        with ctx.autocast():
-            out = model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=loops)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = train_step(cfg, ctx, batch, seq, loops)
     step()
     with _kineto_quiet(), profile(with_flops=True) as prof:
         step()
