@@ -25,11 +25,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-# Every progress line is its own: two training runs side by side print similar lines, which Ray's
-# log deduplication would fold into "[repeated Nx across cluster]". Ray reads this when imported.
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-import ray  # noqa: E402
+import ray
 
 log = logging.getLogger("mythos")
 

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 LIBRARY = '''
@@ -108,3 +110,20 @@ def test_a_terminal_gets_live_progress_bars(tmp_path):
     assert "evaluation" in screen and "2/2 points" in screen
     assert "[mythos demo-run] step    50/100" not in screen  # a bar, not the line
     assert "[mythos] our own line" in screen and "Trial status" not in screen
+
+
+DEDUP = "import {module}, ray._private.ray_constants as c; print(c.RAY_DEDUP_LOGS)"
+
+
+@pytest.mark.parametrize("module", ["mythos_platform.tune.sweep", "mythos_platform.pipeline"])
+def test_ray_log_deduplication_is_off_in_every_job_unless_the_user_asks(module):
+    """Ray folds lines that differ only in numbers (a sweep's trials: "training run '..._00000'",
+    their step lines) into "[repeated Nx]", and a trial's first lines were lost; modules that import
+    ray before mythos_platform.ray_env must not turn it back on. A value the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}
+    code = DEDUP.format(module=module)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False"], out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "RAY_DEDUP_LOGS": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True"], out.stderr[-2000:]

@@ -101,7 +101,8 @@ def ctrl_c(config: Path, root: Path, port: int, until: str, after_s: float = 0.0
 
     cmd = [sys.executable, "-m", "mythos_platform.cli", "pipeline", "--config", str(config), "--set", f"root={root}",
            "--set", f"serve.http.port={port}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}  # every progress line, as printed
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}  # the job's own default, as a user gets it
+    env["PYTHONUNBUFFERED"] = "1"
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
