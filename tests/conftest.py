@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+
 import ports
 
 # two cores: keep intra-op threads at 2 in all (`make test` runs two pytest workers, one thread

@@ -26,11 +26,13 @@ def ephemeral_range() -> tuple[int, int]:
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now, outside the ephemeral range and Ray's worker ports."""
-    low, high = RAY_WORKER_PORTS_END + 1, ephemeral_range()[0] - 1
+    ephemeral_low, ephemeral_high = ephemeral_range()
+    low, high = RAY_WORKER_PORTS_END + 1, ephemeral_low - 1
     if high - low < 1000:  # an unusual ephemeral range: use the space above it instead
-        low, high = ephemeral_range()[1] + 1, 65535
+        low, high = ephemeral_high + 1, 65535
+    draw = random.SystemRandom()
     for _ in range(200):
-        port = random.SystemRandom().randint(low, high)
+        port = draw.randint(low, high)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
