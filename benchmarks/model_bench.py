@@ -29,6 +29,7 @@ from mythos.generation import SamplingParams, stream
 from mythos.moe import MoE
 from mythos.sizing import flops_per_token, kv_cache_numbers_per_layer, kv_cache_numbers_per_token
 from mythos_platform.perf import best_time, matmul_peak, sync
+from mythos_platform.train.optim import build_optimizer
 
 
 @dataclass
@@ -49,9 +50,9 @@ def build(cfg, ctx: Ctx) -> Mythos:
 
 
 def train_step(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> Callable[[], None]:
-    """One AdamW training step of a fresh model on random tokens (batch x seq, all `loops` differentiated)."""
+    """One training step (the trainer's AdamW) of a fresh model on random tokens (batch x seq, all `loops` differentiated)."""
     model = build(cfg, ctx).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.device.type == "cuda")
+    opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, ctx.device)  # the trainer's AdamW
     x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
 
     def step():
@@ -176,7 +177,7 @@ def compiled_vs_eager(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> None:
     x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
 
     def trainer(model: Mythos) -> Callable[[], None]:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.device.type == "cuda")
+        opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, ctx.device)  # the trainer's AdamW
 
         def step() -> None:
             with ctx.autocast():

@@ -140,10 +140,11 @@ class Trainer:
     def build(cls, mcfg, batch: int, seq: int, device: torch.device, ac: str = "none") -> "Trainer":
         """`ac`: activation checkpointing mode (none | block | iteration), as train.activation_checkpointing."""
         from mythos_platform.train.activation_checkpointing import apply_activation_checkpointing
+        from mythos_platform.train.optim import build_optimizer
 
         torch.manual_seed(0)
         model = apply_activation_checkpointing(Mythos(mcfg).to(device).train(), ac)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, device)  # the trainer's AdamW
         x = torch.randint(0, min(256, mcfg.vocab_size), (batch, seq + 1), device=device)
         return cls(model, opt, x, device)
 

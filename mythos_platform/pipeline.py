@@ -21,7 +21,7 @@ import httpx
 from pydantic import Field
 
 from .config import PretrainConfig, Section
-from .registry import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, register_model
+from .registry import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, register_model, version_params
 from .serve.config import ServeConfig
 from .tune.config import SweepConfig
 
@@ -153,7 +153,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     except KeyboardInterrupt as exc:
         raise KeyboardInterrupt(run.stopped(exc)) from None
     return PipelineSummary(run.root, run.uri, run.stages, pre.mlflow_run_id, sweep_run, eval_run, run.champion,
-                           report.markdown(), plot_path, report.deepest_solved(), run.pre_cfg.data.max_hops, url,
+                           report.markdown(), plot_path, report.deepest_solved(), report.trained_hops, url,
                            model_name, q, answers)
 
 
@@ -231,7 +231,7 @@ class PipelineRun:
             if baseline_export is not None:
                 base = evaluate_depth(str(baseline_export), root, uri, [1], cfg.eval_max_hops, cfg.eval_limit,
                                       cfg.eval_cpus_per_task, "pipeline-eval-baseline", looped=False)
-            hops = self.pre_cfg.data.max_hops
+            hops = self.champion_trained_hops()
             report = report_from_points(rdt.points, base.points if base else (), trained_hops=hops,
                                         loops=cfg.eval_loops, n_symbols=self.pre_cfg.data.n_symbols,
                                         limit=cfg.eval_limit)
@@ -240,6 +240,18 @@ class PipelineRun:
             (root / "depth_extrapolation.md").write_text(report.markdown())
             _log_report(uri, root, rdt.run_id, report, plot_path)
         return rdt.run_id, report, plot_path
+
+    def champion_trained_hops(self) -> int:
+        """The deepest chains the champion was trained on: the pretraining's, and when the champion is
+        a sweep trial (fine-tuned from the pretrained model), the deeper of those and its own run's
+        `data.max_hops` (a sweep may train on deeper chains, or search over them)."""
+        hops = self.pre_cfg.data.max_hops
+        c = self.champion
+        if c.get("version") is not None and c.get("version") == c.get("sweep_version"):
+            trial = version_params(self.uri, str(c["version"])).get("data.max_hops")
+            if trial is not None and trial.isdigit():
+                hops = max(hops, int(trial))
+        return hops
 
     def deploy(self) -> str:
         from .serve.deploy import deploy
@@ -350,7 +362,7 @@ def print_summary(s: PipelineSummary, metric: str = "val_acc", keep_serving: boo
     print(f"\naccuracy by problem depth (lm-eval, held-out problems; trained on <= {s.trained_hops} hops):\n")
     print(s.depth_table)
     print(f"loops = hops solves every depth up to {s.deepest_solved} hops at >= 0.95 "
-          f"({s.deepest_solved / max(s.trained_hops, 1):.0f}x the trained depth)")
+          f"({s.deepest_solved / max(s.trained_hops, 1):.3g}x the trained depth)")
     if s.plot_path:
         print(f"plot: {s.plot_path}")
     if s.tracking_uri.startswith("sqlite:"):

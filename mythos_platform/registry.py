@@ -21,7 +21,7 @@ DEFAULT_MODEL_NAME = "mythos-rdt"
 DEFAULT_ALIAS = "champion"
 
 __all__ = ["DEFAULT_ALIAS", "DEFAULT_MODEL_NAME", "MLFLOW_SCHEMES", "ModelNotFoundError", "Registration",
-           "register_model", "resolve_model"]
+           "register_model", "resolve_model", "version_params"]
 
 
 @dataclass
@@ -75,3 +75,11 @@ def register_model(
         log.info("registered %s v%s (%s=%.4f); alias %r stays on v%s (%.4f)", name, version.version, metric_name,
                  metric, alias, champion, champion_metric)
     return Registration(name, str(version.version), alias, better, str(champion), champion_metric)
+
+
+def version_params(tracking_uri: str, version: str, name: str = DEFAULT_MODEL_NAME) -> dict[str, str]:
+    """The training parameters (the flattened job config) of the run that made model `version`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    return dict(client.get_run(client.get_model_version(name, version).run_id).data.params)

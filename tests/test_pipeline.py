@@ -64,3 +64,27 @@ def test_summary_says_what_was_compared_and_ends_with_the_served_answers(capsys,
     assert out[-1].split() == ["n_loops=2", "->", "'p'", "(wrong)"]
     curl = next(line for line in out if line.startswith("query the API"))
     assert '"n_loops": 8' in curl and q["prompt"] in curl and "-d '{" in curl
+
+
+def test_the_champions_trained_depth_is_its_own_runs(tmp_path):
+    """The summary's "trained on <= N hops" is the champion's: a sweep trial fine-tuned on deeper
+    chains than the pretraining (the interrupt chain's curriculum: 2, then 4) reports the deeper."""
+    from mlflow.tracking import MlflowClient
+
+    from mythos_platform.pipeline import PipelineRun
+    from mythos_platform.registry import register_model
+
+    cfg = load_config(CFG, [f"root={tmp_path}", "pretrain.data.min_hops=2", "pretrain.data.max_hops=2"],
+                      cls=PipelineConfig)
+    run = PipelineRun(cfg)
+    client = MlflowClient(run.uri)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "art"))
+    versions = {}
+    for hops, acc in ((2, 0.5), (4, 0.9)):
+        r = client.create_run(exp)
+        client.log_param(r.info.run_id, "data.max_hops", hops)
+        versions[hops] = register_model(run.uri, r.info.run_id, acc, "val_acc", lower_is_better=False).version
+    run.champion = {"version": versions[2], "pretrained_version": versions[2]}
+    assert run.champion_trained_hops() == 2
+    run.champion.update(version=versions[4], sweep_version=versions[4])
+    assert run.champion_trained_hops() == 4

@@ -34,6 +34,27 @@ def test_weight_decay_only_on_matrices():
     assert no_decay["weight_decay"] == 0.0
 
 
+def test_the_cpu_optimizer_is_the_fused_adamw_and_updates_as_the_reference_one_does():
+    """The trainer's AdamW runs torch's fused kernel on the CPU too (one pass per parameter instead
+    of the foreach implementation's dozen; docs/performance.md), with the same updates."""
+    torch.manual_seed(0)
+    model = Mythos(get_variant("debug"))
+    ref = Mythos(get_variant("debug"))
+    ref.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu"))
+    ref_opt = torch.optim.AdamW(param_groups(ref, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=False)
+    assert opt.defaults["fused"] is True and ref_opt.defaults["fused"] is not True
+    x = torch.randint(0, 256, (2, 17))
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(x[:, :-1], targets=x[:, 1:], n_loops=2).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert not torch.equal(p, before[name]), name  # every parameter was updated
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
 def _train_step(model, opt, sched):
     x = torch.randint(0, 256, (2, 17))
     model(x[:, :-1], targets=x[:, 1:], n_loops=2).loss.backward()
