@@ -176,3 +176,18 @@ def test_deep_supervision_option_adds_the_per_loop_loss():
     assert torch.allclose(plain, out.loss + out.aux_loss)
     expected = 0.5 * plain + 0.5 * per_loop_lm_loss(out.loop_logits, x[:, 1:], scheme="linear")
     assert torch.allclose(deep, expected) and len(out.loop_logits) == 2
+
+
+def test_the_peak_probe_measures_without_drawing_from_the_training_generator():
+    """The MFU's peak is re-measured at every log (the best so far counts): the probe's random
+    matrices must not move the training's random stream (a resumed run replays the uninterrupted one)."""
+    from types import SimpleNamespace
+
+    from mythos_platform.train.worker import Trainer
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    peak = Trainer.peak_probe(SimpleNamespace(bf16=False, device=torch.device("cpu")))
+    assert torch.equal(torch.rand(4), expected)
+    assert peak > 1e9  # FLOP/s of a 512 x 512 matmul on any CPU this runs on

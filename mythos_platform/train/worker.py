@@ -252,6 +252,17 @@ class Trainer:
             self._flops[key] = flops_per_token(self.model_cfg, *key, self.cfg.data.row_len).train_step
         return self._flops[key]
 
+    def peak_probe(self) -> float:
+        """A short matmul burst (about 10 ms on a CPU) at every log: the MFU divides by the best
+        FLOP/s this worker has measured so far. The run's first measurement can be taken while
+        other runs on the same CPUs are busy (a sweep's trials start together), and a peak measured
+        low made the MFU of later steps, with the CPUs to itself, read above 100% (109% in a 3-trial sweep).
+        Its random matrices do not draw from the training's generator."""
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the training's random stream stays as it was
+            return matmul_peak(self.device, dtype, n=512 if self.device.type == "cpu" else None, reps=2)
+
     # --- evaluate, log, checkpoint, report -----------------------------------------------
     def evaluate(self) -> dict[str, float]:
         return validate(self.model, self.val, self.device, self.bf16, self.fsdp, self.tcfg, self.model_cfg.n_loops)
@@ -260,6 +271,7 @@ class Trainer:
         """The window's metrics (all ranks take part) and this step's, with validation if asked,
         to MLflow and the progress line; starts a new window."""
         s = self.state
+        self.peak = max(self.peak, self.peak_probe())
         metrics = {**self.window.metrics(self.tokens_per_step, self.peak * self.world),
                    "grad_norm": result.grad_norm, "lr": self.sched.get_last_lr()[0],
                    "max_A": float(self.core.core.injection.decay().detach().max()),

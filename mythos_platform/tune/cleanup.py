@@ -30,11 +30,19 @@ class Leftovers:
         return bool(self.placement_groups or self.actors)
 
 
-def leftovers(timeout_s: float = 30.0, poll_s: float = 1.0, address: str | None = None) -> Leftovers:
+STATE_API_TIMEOUT_S = 30
+"""Ray's default for one state API request. It is also about how long a request to a dashboard that
+is gone takes to fail (Ray retries the connection: 24 s measured), which is what a local cluster's
+dashboard is after a terminal's Ctrl-C reached it: the interrupted path asks with a short one."""
+
+
+def leftovers(timeout_s: float = 30.0, poll_s: float = 1.0, address: str | None = None,
+              request_timeout_s: int = STATE_API_TIMEOUT_S) -> Leftovers:
     """Placement groups and sweep actors still alive, after waiting up to `timeout_s` for them to go.
 
     `address`: the cluster's GCS address; default the one this process is connected to (the state
     API would otherwise auto-detect, and fail when several local clusters run on the machine).
+    `request_timeout_s`: of each state API request (an unreachable dashboard raises after it).
     """
     import ray
     from ray.util.state import list_actors, list_placement_groups
@@ -44,9 +52,9 @@ def leftovers(timeout_s: float = 30.0, poll_s: float = 1.0, address: str | None 
     deadline = time.monotonic() + timeout_s
     while True:
         pgs = list_placement_groups(address=address, filters=[("state", "!=", "REMOVED")], limit=1000,
-                                    raise_on_missing_output=False)
+                                    raise_on_missing_output=False, timeout=request_timeout_s)
         actors = list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10000,
-                             raise_on_missing_output=False)
+                             raise_on_missing_output=False, timeout=request_timeout_s)
         found = Leftovers(
             placement_groups=[pg.placement_group_id for pg in pgs],
             actors=[f"{a.class_name}({a.actor_id})" for a in actors
@@ -57,7 +65,7 @@ def leftovers(timeout_s: float = 30.0, poll_s: float = 1.0, address: str | None 
         time.sleep(poll_s)
 
 
-def release_job_placement_groups(address: str | None = None) -> list[str]:
+def release_job_placement_groups(address: str | None = None, request_timeout_s: int = STATE_API_TIMEOUT_S) -> list[str]:
     """Remove the placement groups this job (the sweep driver's) still holds; returns their ids.
 
     Called after `tuner.fit()`, when no trial of the sweep runs any more, so every placement group
@@ -75,7 +83,7 @@ def release_job_placement_groups(address: str | None = None) -> list[str]:
     job = ray.get_runtime_context().get_job_id()
     removed = []
     for pg in list_placement_groups(address=address, filters=[("state", "!=", "REMOVED")], limit=1000,
-                                    raise_on_missing_output=False, detail=True):
+                                    raise_on_missing_output=False, detail=True, timeout=request_timeout_s):
         if pg.creator_job_id != job:
             continue
         try:
