@@ -56,7 +56,7 @@ class ExpertDispatch:
         self.edp_group = mesh.get_group("edp")
         self.edp = mesh.size(0)
 
-    @torch.compiler.disable  # split sizes come to the host; runs eagerly inside a compiled block
+    @torch._disable_dynamo  # split sizes come to the host; runs eagerly inside a compiled block (imports dynamo lazily)
     def __call__(self, moe: MoE, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w13, w2 = moe.w13.to_local(), moe.w2.to_local()  # (E/ep, D, 2F), (E/ep, F, D)
         n_local = w13.shape[0]
