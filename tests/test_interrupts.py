@@ -183,7 +183,8 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
         """Library output goes to the run root's log (named once); the project's code warns about nothing."""
         log = root.resolve() / "logs" / "pipeline.log"
         assert f"goes to {log}" in launch.output, launch.output[:2000]
-        for noise in ("Trial status", "(raylet)", "core_worker.cc", "Checkpoint successfully created", "╭"):
+        for noise in ("Trial status", "(raylet)", "core_worker.cc", "Checkpoint successfully created", "╭",
+                      "could not check what the trials left"):  # after Ctrl-C the dashboard is gone: expected
             assert noise not in launch.output, (stage, noise)
         assert own_warnings(launch.output) == [] and own_warnings(log.read_text()) == [], stage
 

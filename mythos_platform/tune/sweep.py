@@ -449,7 +449,10 @@ def _release_leftovers(tracker: Tracker, interrupted: bool = False) -> tuple[Lef
                         released)
             left = leftovers(timeout_s=3.0 if interrupted else 10.0, **request)
     except Exception as exc:  # the state API timed out or is unavailable
-        log.warning("could not check what the trials left on the cluster (Ray's state API: %s)", exc)
+        # after Ctrl-C a local cluster's dashboard has stopped with the signal, and the cluster ends
+        # with this job: expected, not worth a warning (on a running cluster the check answers)
+        (log.info if interrupted else log.warning)(
+            "could not check what the trials left on the cluster (Ray's state API: %s)", exc)
         return Leftovers(), released
     if left:
         log.warning("the sweep left placement groups %s and actors %s on the cluster", left.placement_groups,
