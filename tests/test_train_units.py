@@ -188,6 +188,6 @@ def test_the_peak_probe_measures_without_drawing_from_the_training_generator():
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    peak = Trainer.peak_probe(SimpleNamespace(bf16=False, device=torch.device("cpu")))
+    peak = Trainer.peak_probe(SimpleNamespace(matmul_dtype=torch.float32, device=torch.device("cpu")))
     assert torch.equal(torch.rand(4), expected)
     assert peak > 1e9  # FLOP/s of a 512 x 512 matmul on any CPU this runs on

@@ -12,6 +12,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Matrices decayed, the rest not; each of the two split further into DTensor parameters and
     plain ones when a model has both (expert parallelism shards the experts only), because the
     fused AdamW updates one group in one call and that call cannot mix the two kinds."""
+    from torch.distributed.tensor import DTensor
+
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -20,15 +22,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (decay if p.dim() >= 2 and "lora.scale" not in name else no_decay).append(p)
     groups = []
     for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
-        plain, sharded = [p for p in params if not _is_dtensor(p)], [p for p in params if _is_dtensor(p)]
-        groups += [{"params": part, "weight_decay": wd} for part in ((plain, sharded) if plain and sharded else (params,))]
+        kinds: dict[bool, list] = {False: [], True: []}  # is a DTensor -> parameters
+        for p in params:
+            kinds[isinstance(p, DTensor)].append(p)
+        parts = (kinds[False], kinds[True]) if all(kinds.values()) else (params,)
+        groups += [{"params": part, "weight_decay": wd} for part in parts]
     return groups
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")

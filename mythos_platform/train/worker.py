@@ -122,7 +122,7 @@ class Trainer:
         self.restore()
         self.open_data()
         # measured after the restore, as it draws from the (restored) RNG
-        self.peak = matmul_peak(self.device, torch.bfloat16 if self.bf16 else torch.float32, reps=3)
+        self.peak = matmul_peak(self.device, self.matmul_dtype, reps=3)
         self.window = Window(self.device)
         self.model.train()
         while self.state.step < self.tcfg.steps:
@@ -258,10 +258,14 @@ class Trainer:
         other runs on the same CPUs are busy (a sweep's trials start together), and a peak measured
         low made the MFU of later steps, with the CPUs to itself, read above 100% (109% in a 3-trial sweep).
         Its random matrices do not draw from the training's generator."""
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # the training's random stream stays as it was
-            return matmul_peak(self.device, dtype, n=512 if self.device.type == "cpu" else None, reps=2)
+            return matmul_peak(self.device, self.matmul_dtype, n=512 if self.device.type == "cpu" else None, reps=2)
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The dtype of the training's matmuls, which the MFU's peak is measured in."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     # --- evaluate, log, checkpoint, report -----------------------------------------------
     def evaluate(self) -> dict[str, float]:

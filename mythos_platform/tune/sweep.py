@@ -40,7 +40,7 @@ from ..config import PretrainConfig
 from ..ray_env import init_ray
 from ..registry import Registration, register_model
 from ..tracking import Tracker, git_tags
-from .cleanup import Leftovers, leftovers, release_job_placement_groups
+from .cleanup import STATE_API_TIMEOUT_S, Leftovers, leftovers, release_job_placement_groups
 from .config import SweepConfig
 from .progress import SweepProgress
 from .results import metric_plot, table_columns, to_csv, to_markdown
@@ -438,16 +438,16 @@ def _release_leftovers(tracker: Tracker, interrupted: bool = False) -> tuple[Lef
     are released at once instead of after a wait for Ray's own clean-up (the user is waiting)."""
     released: list[str] = []
     # after Ctrl-C the user is waiting, and a local cluster's dashboard may be gone with the signal
-    request = {"request_timeout_s": INTERRUPTED_REQUEST_TIMEOUT_S} if interrupted else {}
+    wait_s, request_s = (3.0, INTERRUPTED_REQUEST_TIMEOUT_S) if interrupted else (10.0, STATE_API_TIMEOUT_S)
     try:
         if interrupted:
-            released = release_job_placement_groups(**request)
-        left = leftovers(timeout_s=3.0 if interrupted else 10.0, **request)
+            released = release_job_placement_groups(request_timeout_s=request_s)
+        left = leftovers(timeout_s=wait_s, request_timeout_s=request_s)
         if left.placement_groups:
-            released += release_job_placement_groups(**request)
+            released += release_job_placement_groups(request_timeout_s=request_s)
             log.warning("released %d placement groups that stopped trials left behind: %s", len(released),
                         released)
-            left = leftovers(timeout_s=3.0 if interrupted else 10.0, **request)
+            left = leftovers(timeout_s=wait_s, request_timeout_s=request_s)
     except Exception as exc:  # the state API timed out or is unavailable
         # after Ctrl-C a local cluster's dashboard has stopped with the signal, and the cluster ends
         # with this job: expected, not worth a warning (on a running cluster the check answers)
