@@ -25,6 +25,10 @@ A. In process, no Ray (the main figure). The same request list runs against
    4. What one decode pass costs by rows and depth, and 16 rows of mixed depth in one pass against
       one pass per depth (the old batcher's groups): on a small model a loop iteration costs
       nearly the same for 1 row as for 16, which caps what sharing a pass can gain.
+   5. The load's floor: each client sends its requests one after another and each token needs its
+      loop iterations one after another, so no engine finishes the load before its longest client
+      would finish alone. That client's requests run alone on the new engine; the old batcher's
+      wall time over that time is the most any schedule could gain on this load and machine.
    Also counts requests whose greedy text differs between the two (expected 0).
 B. `--http` (off by default): what Ray Serve adds to a request's latency, and batching on/off over
    HTTP (a private local Ray on 127.0.0.1, apps /on and /off; "off" is `batching: {enabled: false}`,
@@ -100,6 +104,8 @@ class Run:
     latency_ms: list[float]
     ttft_ms: list[float]
     texts: list[str]
+    client_s: list[float]
+    """When each client's last request ended, seconds from the start."""
 
 
 def mixed_requests(tok, clients: int, per_client: int, max_tokens_hi: int, max_seq_len: int) -> list[list[Req]]:
@@ -122,6 +128,7 @@ async def drive(submit, make_job, per_client: list[list[Req]]) -> Run:
     lat: list[float] = []
     ttft: list[float] = []
     texts: dict[tuple[int, int], str] = {}
+    ends: dict[int, float] = {}
     tokens = 0
 
     async def client(c: int) -> None:
@@ -145,11 +152,12 @@ async def drive(submit, make_job, per_client: list[list[Req]]) -> Run:
             lat.append((time.perf_counter() - t) * 1000)
             ttft.append(first * 1000)
             texts[c, k] = "".join(parts)
+        ends[c] = time.perf_counter() - t0
 
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(len(per_client))))
-    wall = time.perf_counter() - t
-    return Run(wall, tokens, lat, ttft, [texts[k] for k in sorted(texts)])
+    wall = time.perf_counter() - t0
+    return Run(wall, tokens, lat, ttft, [texts[k] for k in sorted(texts)], [ends[c] for c in range(len(per_client))])
 
 
 def part_a(args, model, tok) -> None:
@@ -191,6 +199,11 @@ def part_a(args, model, tok) -> None:
             await asyncio.sleep(0.3)  # the static batcher's recent sizes would make a lone request wait
             old._recent = [1]
             res[name, "lone"] = await drive(sys_.submit, make_job, lone)
+        # 5. the load's floor: the client with the most iterations and the one that finished last in
+        # the mixed run, each alone on the new engine (its thread)
+        slowest = max(range(len(mixed)), key=lambda c: res["new", "mixed"].client_s[c])
+        for c in sorted({slowest, max(range(len(mixed)), key=lambda c: iterations(mixed[c]))}):
+            res["alone", c] = await drive(new.submit, make_job, [mixed[c]])
         old.close()
         new.stop()
         return res, occ, (t0, t1)
@@ -226,6 +239,30 @@ def part_a(args, model, tok) -> None:
         means = [statistics.mean(b) if b else 0.0 for b in bins]
         print("  mean rows per tenth of the run: " + " ".join(f"{m:4.1f}" for m in means))
     pass_costs(model)
+    floor(res, mixed)
+
+
+def iterations(reqs: list[Req]) -> int:
+    """Loop iterations a client's requests need one after another: tokens x n_loops, summed."""
+    return sum(r.max_tokens * r.n_loops for r in reqs)
+
+
+def floor(res: dict, mixed: list[list[Req]]) -> None:
+    """5. The load's floor: a client's requests run one after another, and each token of a request
+    needs its n_loops iterations one after another, so no schedule finishes the load before its
+    longest client would finish alone."""
+    old, new = res["old", "mixed"], res["new", "mixed"]
+    alone = {c: r.wall_s for (kind, c), r in res.items() if kind == "alone"}
+    c = max(alone, key=alone.get)
+    tokens = sum(r.max_tokens for r in mixed[c])
+    print(f"\n5. the load's floor: client {c}'s {len(mixed[c])} requests ({tokens} tokens, "
+          f"n_loops {[r.n_loops for r in mixed[c]]}: {iterations(mixed[c])} loop iterations one after another) "
+          f"take {alone[c]:.2f} s alone on the new engine; in the mixed run that client finished after "
+          f"{new.client_s[c]:.2f} s (the run: {new.wall_s:.2f} s).")
+    print(f"  No schedule finishes this load in less than {alone[c]:.2f} s, so none exceeds "
+          f"{old.wall_s / alone[c]:.2f}x the old batcher's tokens/s ({old.wall_s:.2f} s) on this machine, "
+          f"even if the other {sum(map(len, mixed)) - len(mixed[c])} requests cost nothing; 3x needs "
+          f"{old.wall_s / 3:.2f} s.")
 
 
 def pass_costs(model, context: int = 40, reps: int = 20) -> None:
