@@ -6,7 +6,7 @@
     mythos serve    --model models:/mythos-rdt@champion [--detach]
     mythos pipeline [--set keep_serving=false]        # what `make demo` runs
     mythos depth    --config jobs/configs/depth-extrapolation.yaml
-    mythos plan     --variant 1t --gpus 384 --ep 384 --ac block --seq-len 2048 --gpu-memory 80
+    mythos plan     --variant 1t --gpus 384 --ep 384 --ac block --micro-batch 1 --seq-len 2048 --gpu-memory 80
 
 `--config FILE` is a YAML file of the job's config (defaults: the job's shipped debug config) and
 each `--set key=value` overrides one dotted key (the value is read as YAML: numbers, lists,

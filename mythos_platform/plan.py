@@ -1,6 +1,6 @@
 """`mythos plan`: the memory one GPU needs for a training run, and its throughput, before any Ray work.
 
-    mythos plan --variant 1t --gpus 384 --gpu-memory 80 --ep 384 --ac block --micro-batch 1 --seq-len 4096
+    mythos plan --variant 1t --gpus 384 --gpu-memory 80 --ep 384 --ac block --micro-batch 1 --seq-len 2048
     mythos plan --config jobs/configs/scale/1t.yaml
 
 Per GPU, as mythos_platform/train/parallel.py builds the model (FSDP2 `fully_shard` per block and

@@ -140,3 +140,38 @@ def test_plan_command_exit_codes_and_messages(capsys):
     assert "error: train.activation_checkpointing: got 'layer'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--fsdp"):
         make_plan(_plan("1b", 8), Hardware(fsdp=3))
+
+
+def _plan_total_gib(args: list[str], capsys) -> tuple[int, float]:
+    code = main(["plan", *args])
+    out = capsys.readouterr().out
+    return code, float(re.search(r"^  total\s+([\d.]+)", out, re.M).group(1))
+
+
+def test_every_documented_plan_command_fits_and_every_stated_figure_is_the_plans(capsys):
+    """The `mythos plan` command lines a user copies (the command's --help, the plan module's
+    docstring, docs/memory.md) fit (exit 0), and the GiB per GPU that each scale config's header and
+    docs/memory.md's table state are what the plan prints now."""
+    import shlex
+
+    from mythos_platform import cli, plan
+
+    sources = {"mythos --help": cli.__doc__, "mythos_platform/plan.py": plan.__doc__,
+               "docs/memory.md": (ROOT / "docs" / "memory.md").read_text()}
+    examples = [(where, line.split("#")[0].split("mythos plan", 1)[1]) for where, text in sources.items()
+                for line in text.splitlines() if line.strip().startswith("mythos plan ")]
+    assert len(examples) >= 5, examples
+    for where, args in examples:
+        code, total = _plan_total_gib(shlex.split(args), capsys)
+        assert code == 0, f"{where}: `mythos plan{args}` does not fit ({total} GiB)"
+    table = dict(re.findall(r"^\| (\w+) \|.*\| ([\d.]+) \|$", sources["docs/memory.md"], re.M))
+    for path in sorted((ROOT / "jobs" / "configs" / "scale").glob("*.yaml")):
+        code, total = _plan_total_gib(["--config", str(path)], capsys)
+        stated = float(re.search(r"\(80 GiB GPUs, the default\): ([\d.]+) GiB per GPU", path.read_text()).group(1))
+        assert (code, stated, float(table[path.stem])) == (0, total, total), path.name
+    # 1t at seq_len 4096: the header and the docs say how far over it is
+    code = main(["plan", "--config", "jobs/configs/scale/1t.yaml", "--seq-len", "4096"])
+    over = re.search(r"DOES NOT FIT: ([\d.]+) GiB over", capsys.readouterr().out).group(1)
+    assert code == 1
+    assert f"seq_len 4096 is {over} GiB over" in (ROOT / "jobs/configs/scale/1t.yaml").read_text()
+    assert f"at seq_len 4096 that is {over} GiB over" in sources["docs/memory.md"]
