@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mythos.config import MythosConfig
 from mythos.typed_config import ConfigError, ConfigModel, config_error, flatten_dict, join
@@ -362,6 +362,13 @@ class TrainConfig(Section):
     """A model folder (config.json + model.safetensors) to start from instead of a random
     initialisation; parameters the folder lacks (e.g. a depth-wise LoRA added by a sweep) keep
     their initial values."""
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_yaml_switch(cls, value: Any) -> Any:
+        """YAML 1.1 (PyYAML, so the files and `--set`) reads a bare on/off as true/false:
+        `--set train.compile=on` means "on"."""
+        return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
