@@ -172,3 +172,57 @@ def test_exit_on_last_position_checks_only_the_answering_state():
         assert model(x, n_loops=8, exit_threshold=float("inf"), exit_on="last").loops_used == 1
     with pytest.raises(ValueError, match="exit_on must be 'all' or 'last'"):
         model(x, n_loops=2, exit_threshold=0.1, exit_on="first")
+
+
+def test_loop_embedding_rows_equal_the_formula_and_serve_training_after_inference():
+    """The embedding is a row of a shared table: the sin/cos formula itself, bit for bit, for any t
+    (the table grows past 64 rows) and dtype; a table first built under inference mode is an
+    ordinary tensor, so a training step after serving can still save it for backward."""
+    import math
+
+    for n, dim in ((32, 256), (6, 30), (0, 16)):
+        for t in (0, 1, 7, 63, 64, 200):
+            row = loop_index_embedding(t, n, dim, torch.device("cpu"), torch.float32)
+            want = torch.zeros(dim)
+            for i in range(0, n, 2):
+                freq = torch.tensor(1.0) / (torch.tensor(100.0) ** (torch.tensor(float(i)) / n))
+                want[i], want[i + 1] = math.sin(float(t * freq)), math.cos(float(t * freq))
+            torch.testing.assert_close(row, want, rtol=0, atol=1e-6)
+    assert loop_index_embedding(3, 32, 256, "cpu", torch.bfloat16).dtype == torch.bfloat16
+    model = Mythos(get_variant("debug", dim=64, n_heads=2, n_kv_heads=1, expert_dim=32, loop_emb_dim=16,
+                               vocab_size=64, max_seq_len=32)).train()
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.inference_mode():
+        model(ids, n_loops=40)  # builds tables under inference mode (rows past 64 too)
+        assert not loop_index_embedding(39, 16, 64, torch.device("cpu"), torch.float32).is_inference()
+    loss = model(ids, n_loops=3, targets=ids).loss
+    loss.backward()  # "Inference tensors cannot be saved for backward" if the table were one
+    assert model.core.in_norm.weight.grad is not None
+
+
+def test_injection_keeps_its_coefficients_only_under_inference_mode_and_until_a_parameter_changes():
+    inj = LTIInjection(8)
+    inj.init_weights()
+    h, e, u = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+
+    def reference():
+        with torch.no_grad():
+            return inj.decay() * h + inj.b * e + u
+
+    with torch.inference_mode():
+        first = inj.coefficients(torch.float32)
+        assert inj.coefficients(torch.float32)[0] is first[0]  # kept
+        torch.testing.assert_close(inj(h, e, u), reference(), rtol=0, atol=0)
+    with torch.no_grad():  # an optimizer step: in place, outside inference mode
+        inj.decay_logit.add_(0.5)
+        inj.b.mul_(2.0)
+    with torch.inference_mode():
+        assert inj.coefficients(torch.float32)[0] is not first[0]
+        torch.testing.assert_close(inj(h, e, u), reference(), rtol=0, atol=0)
+        inj.load_state_dict({"decay_logit": torch.zeros(8), "b": torch.full((8,), 3.0)})  # in inference mode too
+        torch.testing.assert_close(inj(h, e, u), reference(), rtol=0, atol=0)
+    out = inj(h, e, u)  # with autograd: computed afresh, gradients reach both parameters
+    out.sum().backward()
+    assert inj.decay_logit.grad is not None and inj.b.grad is not None
+    with torch.no_grad():
+        assert inj.coefficients(torch.float32)[0] is not inj.coefficients(torch.float32)[0]  # not kept in no_grad
