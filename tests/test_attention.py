@@ -73,3 +73,22 @@ def test_gqa_cache_numbers():
     rope = rope_angles(torch.arange(3)[None], 8, 10000.0)
     a(torch.randn(1, 3, 64), rope, None, slot, 0)
     assert sum(b[:, :1].numel() for b in slot.buffers) == GroupedQueryAttention.cache_numbers_per_token(2, 8) == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_textbook_rotation_bit_for_bit(dtype):
+    """apply_rope's x*cos + swap(x)*sin with the full-width signed angles is (x1 cos - x2 sin,
+    x1 sin + x2 cos), exactly, and keeps norms (a rotation)."""
+    from mythos.rope import apply_rope
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4, 16).to(dtype)
+    positions = torch.arange(9)[None].expand(2, 9) + 1000
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    angles = positions.float()[..., None] * inv_freq
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    x1, x2 = x[..., :8].float(), x[..., 8:].float()
+    textbook = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(dtype)
+    out = apply_rope(x, *rope_angles(positions, 16, 10000.0))
+    assert out.dtype == dtype and torch.equal(out, textbook)
+    torch.testing.assert_close(out.float().norm(dim=-1), x.float().norm(dim=-1), rtol=2e-2, atol=1e-4)
