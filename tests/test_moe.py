@@ -340,3 +340,40 @@ def test_swiglu_activation_node_gives_autograds_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # inference takes the plain expression: nothing to save
         torch.testing.assert_close(swiglu(h.detach()), F.silu(h.detach()[..., :4]) * h.detach()[..., 4:])
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_groups": 3, "topk_groups": 2, "route_scale": 2.0},
+                                {"score": "softmax", "n_shared_experts": 0, "top_k": 3}])
+def test_one_token_inference_path_gives_the_general_paths_numbers_bit_for_bit(kw, monkeypatch):
+    """Decoding at batch 1 runs the chosen experts on the token directly (no sort); the general path
+    (sort, dispatch, combine; taken in training mode) gives the same output, bit for bit, with the same
+    single host read; with the grouped kernel (no host read) the direct path is not taken."""
+    sorts = []
+    argsort = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: sorts.append(1) or argsort(*a, **k))
+    moe = make_moe(**kw)
+    torch.manual_seed(3)
+    moe.router_bias.normal_()
+    for _ in range(20):
+        x = torch.randn(1, 1, 32)
+        with torch.inference_mode():
+            moe.eval()
+            direct, aux = moe(x)
+            syncs = count_host_syncs(lambda: moe(x))
+            assert sorts == []  # the direct path
+            moe.train()
+            general, _ = moe(x)
+            assert sorts == [1]  # the general path
+            sorts.clear()
+        assert torch.equal(direct, general) and float(aux) == 0.0
+        assert syncs == ["tolist"]
+    torch.testing.assert_close(direct, masked_reference(moe, x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_path_is_not_taken_where_the_grouped_kernel_reads_nothing(monkeypatch):
+    if moe_mod._GROUPED_MM is None:
+        pytest.skip("this torch has no grouped_mm")
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM_DEVICES", ("cuda", "cpu"))
+    moe = make_moe().eval()
+    with torch.inference_mode():
+        assert count_host_syncs(lambda: moe(torch.randn(1, 1, 32))) == []
