@@ -290,7 +290,7 @@ class MoE(nn.Module):
     def _one_token(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The routed experts of one token (x (1, D), inference): decoding at batch 1, every loop
         iteration. Each chosen expert runs on the token directly: no sort, inverse permutation, counts
-        or gathers (about 25 of a decoding iteration's ~150 operations on the CPU). The same matmuls
+        or gathers (about 18 of a decoding iteration's ~150 operations on the CPU). The same matmuls
         and the same gate-weighted sum in the same order as the general path, so the same numbers bit
         for bit (tests/test_moe.py). Its one host read of the chosen experts is the general path's
         read of the group sizes; where the grouped kernel runs instead (CUDA), which reads nothing,
