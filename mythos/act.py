@@ -46,7 +46,7 @@ class ACTState:
         self.steps = like.new_zeros(B, S, dtype=torch.float32)  # N: iterations run
         self.remainder = like.new_zeros(B, S, dtype=torch.float32)  # R (differentiable)
 
-    def step(self, h: torch.Tensor, last: bool | torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def step(self, h: torch.Tensor, last: bool | torch.Tensor, rows: torch.Tensor | slice | None = None) -> None:
         """Account for the state h (B, S, D) after one iteration. `last`: this is the last iteration,
         or a (B,) tensor of the rows at their own last one; with `rows`, h holds only those rows of
         the batch (the rows still looping when their neighbours have stopped). A position halts when
@@ -65,7 +65,12 @@ class ACTState:
                "output": pick(self.output) + w.unsqueeze(-1).to(h.dtype) * h,
                "running": running & ~halt}
         for name, value in new.items():
-            setattr(self, name, value if rows is None else getattr(self, name).index_copy(0, rows, value))
+            if rows is None:
+                setattr(self, name, value)
+            elif isinstance(rows, slice):  # a prefix of the rows, in inference (forward_rows): in place
+                getattr(self, name)[rows] = value
+            else:
+                setattr(self, name, getattr(self, name).index_copy(0, rows, value))
 
     @property
     def all_halted(self) -> bool:

@@ -163,6 +163,9 @@ class RecurrentBlock(nn.Module):
         B = e.shape[0]
         if isinstance(cache, KVCache) and bool((n_loops != n_loops[0]).any()):
             raise ValueError("loop counts per row need a SlotCache (KVCache rows share one loop count)")
+        counts = n_loops.tolist()
+        if exit_threshold is None and self.depth_writer is None and counts == sorted(counts, reverse=True):
+            return self._deepest_first(e, rope, mask, n_loops, counts, cache, start)
         h = self.initial_state(e)
         act = ACTState(self.act, e) if self.act is not None else None
         memory = DepthMemory(len(self.layers)) if self.depth_writer is not None else None
@@ -206,6 +209,32 @@ class RecurrentBlock(nn.Module):
         out = act.output if act is not None else h
         ponder = act.ponder_cost() if act is not None else None
         return RecurrentOutput(out, aux, ponder, used)
+
+    def _deepest_first(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                       n_loops: torch.Tensor, counts: list[int], cache: SlotBatch | None, start: int) -> RecurrentOutput:
+        """`forward_rows` for rows ordered deepest first with no adaptive exit (and no MoDA), what the
+        serving engine runs when no request asks for an exit: the rows at iteration t are the first
+        k_t, known from the counts, so the loop reads nothing back from the device (no host syncs on a
+        GPU) and every row subset, of the states, of ACT's and of the cache, is a slice. The same
+        operations on the same rows as the general loop, so the same numbers bit for bit."""
+        B = e.shape[0]
+        h = self.initial_state(e)
+        act = ACTState(self.act, e) if self.act is not None else None
+        aux = e.new_zeros((), dtype=torch.float32)
+        for t in range(counts[0]):
+            k = sum(c > t for c in counts)
+            every = k == B
+            part = (lambda x: x) if every else (lambda x: x[:k])
+            h_new, a = self.iteration(part(h), part(e), t, (part(rope[0]), part(rope[1])),
+                                      None if mask is None else part(mask),
+                                      cache if cache is None or every else cache.head(k), start, None)
+            aux = aux + a
+            if act is not None:
+                act.step(h_new, part(n_loops) == t + 1, None if every else slice(0, k))
+            h = h_new if every else torch.cat((h_new, h[k:]))
+        out = act.output if act is not None else h
+        ponder = act.ponder_cost() if act is not None else None
+        return RecurrentOutput(out, aux, ponder, n_loops.clone())
 
     def iteration(self, h: torch.Tensor, e: torch.Tensor, t: int, rope: tuple[torch.Tensor, torch.Tensor],
                   mask: torch.Tensor | None, cache: KVCache | SlotBatch | None, start: int,

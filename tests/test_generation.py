@@ -197,3 +197,41 @@ def test_slot_cache_refuses_what_it_cannot_serve(model):
         cache.batch([0, 0])
     with pytest.raises(ValueError, match="n_loops per row must be 1 ints >= 1"):
         model(torch.randint(0, 256, (1, 2)), n_loops=torch.tensor([0]))
+
+
+def test_rows_deepest_first_without_exits_take_the_slice_path_with_the_general_paths_numbers(model, monkeypatch):
+    """Rows ordered deepest first with no exit threshold (the serving engine's usual pass) run a loop
+    that reads nothing back and slices every row subset; it gives the general loop's logits, loop
+    counts and cache entries bit for bit (the general loop is what a never-exiting threshold, -1,
+    takes; MoDA keeps the general loop)."""
+    from mythos.slot_cache import SlotBatch
+
+    heads, selects = [], []
+    head, select = SlotBatch.head, SlotBatch.select
+    monkeypatch.setattr(SlotBatch, "head", lambda self, k: heads.append(k) or head(self, k))
+    monkeypatch.setattr(SlotBatch, "select", lambda self, i: selects.append(len(i)) or select(self, i))
+    torch.manual_seed(2)
+    loops = [8, 8, 4, 2, 1]
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (6, 3, 8, 4, 5)]
+    caches = [SlotCache(rows=5, capacity=40) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            for slot, (p, n) in enumerate(zip(prompts, loops)):
+                model(torch.tensor([p]), n_loops=torch.tensor([n]), cache=cache.batch([slot]))
+        ids = torch.randint(0, 256, (5, 1))
+        for step in range(3):
+            heads.clear(), selects.clear()
+            fast = model(ids, n_loops=torch.tensor(loops), cache=caches[0].batch(range(5)))
+            if model.cfg.moda:  # MoDA's depth memory keeps the general loop
+                assert not heads and selects
+            else:
+                assert heads and not selects  # the slice path
+            general = model(ids, n_loops=torch.tensor(loops), cache=caches[1].batch(range(5)),
+                            exit_threshold=torch.full((5,), -1.0))
+            assert selects
+            assert torch.equal(fast.logits, general.logits) and fast.loops_used.tolist() == loops
+            assert torch.equal(fast.loops_used, general.loops_used)
+            ids = fast.logits[:, -1].argmax(-1, keepdim=True)
+    for key, bufs in caches[0].buffers.items():
+        assert all(torch.equal(a, b) for a, b in zip(bufs, caches[1].buffers[key])), key
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist()
