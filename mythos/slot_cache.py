@@ -82,13 +82,10 @@ class SlotBatch:
         self._contiguous = bool(torch.equal(rows, torch.arange(first, first + len(rows))))
         """Rows r..r+B-1 in order: buffers are sliced (views), not gathered (copies)."""
         self._rows = slice(first, first + len(rows)) if self._contiguous else rows
-        self._set_lengths(lengths.tolist())
-        self._lengths_on: dict[torch.device, torch.Tensor] = {}
-
-    def _set_lengths(self, lengths: list[int]) -> None:
-        self._lengths_list = lengths
-        self._same_length = lengths[0] if min(lengths) == max(lengths) else None
+        lengths_list = lengths.tolist()
+        self._same_length = lengths_list[0] if min(lengths_list) == max(lengths_list) else None
         """The rows' one length when they have one (a prefill, or rows that started together)."""
+        self._lengths_on: dict[torch.device, torch.Tensor] = {}
 
     @property
     def share_loops(self) -> bool:
@@ -134,19 +131,13 @@ class SlotBatch:
             cache.loops[row] = n if length == 0 else min(cache.loops[row], n)
         cache.lengths[self.rows] = self.lengths + S
         self.lengths, self.span = self.lengths + S, self.span + S
-        self._set_lengths([n + S for n in self._lengths_list])
+        self._same_length = None if self._same_length is None else self._same_length + S
         self._lengths_on = {}
 
     def head(self, k: int) -> "SlotBatch":
-        """The first k rows: `select(arange(k))` built from what this batch knows, without reading
-        anything back (the rows still looping when a batch is ordered deepest first)."""
-        sub = SlotBatch.__new__(SlotBatch)
-        sub.cache, sub.rows, sub.lengths, sub.span = self.cache, self.rows[:k], self.lengths[:k], self.span
-        sub._contiguous = self._contiguous
-        sub._rows = slice(self._rows.start, self._rows.start + k) if self._contiguous else sub.rows
-        sub._set_lengths(self._lengths_list[:k])
-        sub._lengths_on = {}
-        return sub
+        """The first k rows, `select(arange(k))` without an index on the device: the rows still looping
+        when a batch is ordered deepest first (its rows and lengths live on the CPU)."""
+        return SlotBatch(self.cache, self.rows[:k], self.lengths[:k], self.span)
 
     def select(self, index: torch.Tensor) -> "SlotBatch":
         """The sub-batch of these rows at `index` (positions into this batch): the rows that take part
