@@ -39,12 +39,13 @@ def pipeline(cfg, args: argparse.Namespace) -> int:
     from .pipeline import print_summary, run_pipeline
 
     summary = run_pipeline(cfg)
+    stop = arm_stop() if cfg.keep_serving else None  # before the summary says "press Ctrl-C"
     print_summary(summary, cfg.metric, keep_serving=cfg.keep_serving)
     sys.stdout.flush()
-    if cfg.keep_serving:
+    if stop is not None:
         from .pipeline import stop_serving
 
-        wait_for_stop()
+        wait_for_stop(stop)
         stop_serving(cfg.serve.deployment.app_name)
         print("[mythos pipeline] endpoint stopped.")
     return 0
@@ -66,6 +67,7 @@ def serve(cfg, args: argparse.Namespace) -> int:
 
     init_ray()
     url = deploy(cfg, timeout_s=args.timeout)
+    stop = None if args.detach else arm_stop()  # before "Ctrl-C to stop." is printed
     print(f"\nServing {cfg.model.served_name!r} ({cfg.model.source}) at {url}\n")
     print(example_request(url, cfg.model.served_name, cfg.http.api_key_env), flush=True)
     if args.detach:
@@ -73,20 +75,28 @@ def serve(cfg, args: argparse.Namespace) -> int:
               "or `serve shutdown -y` (RAY_AUTH_MODE=token for a cluster with token auth).")
         return 0
     print("\nCtrl-C to stop.", flush=True)
-    wait_for_stop()
+    wait_for_stop(stop)
     print("stopping ...")
     ray_serve.delete(cfg.deployment.app_name)
     return 0
 
 
-def wait_for_stop() -> None:
-    """Block until Ctrl-C (SIGINT) or SIGTERM (`ray job stop`, kill). SIGINT is handled even when
-    the process was started in the background (where it is ignored by default) and whatever
-    handler an earlier stage left (Ray Tune and Train leave theirs installed, and one Ctrl-C would
-    only print Tune's message). Afterwards a second Ctrl-C interrupts the shutdown at once."""
+def arm_stop() -> threading.Event:
+    """From now on Ctrl-C (SIGINT) and SIGTERM (`ray job stop`, kill) set the returned event
+    instead of raising: armed before a job prints "press Ctrl-C", so a press right after that line
+    stops the job the way it said, never as an interruption (a press in the gap between the line
+    and the wait used to exit 130). SIGINT is caught even when the process was started in the
+    background (where it is ignored by default) and whatever handler an earlier stage left (Ray
+    Tune and Train leave theirs installed, and one Ctrl-C would only print Tune's message)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_stop(stop: threading.Event) -> None:
+    """Block until `stop` (from arm_stop) is set; afterwards a second Ctrl-C interrupts the
+    shutdown at once."""
     stop.wait()
     signal.signal(signal.SIGINT, signal.default_int_handler)
 

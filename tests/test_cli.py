@@ -1,8 +1,10 @@
 """The `mythos` command and the thin scripts in jobs/: one parser, `--config` + `--set` for every
 job, errors naming the key with exit code 2 before any Ray work."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,28 @@ def test_every_documented_command_line_parses_and_its_config_validates():
             if not ("is not a model folder" in str(exc) and "'runs/" in str(exc)):
                 failed.append(f"{where}: {job} {rest.strip()}: {exc}")
     assert failed == []
+
+
+def test_a_ctrl_c_right_after_press_ctrl_c_is_printed_is_a_stop_not_an_interruption():
+    """The pipeline and `mythos serve` arm the stop before printing "press Ctrl-C": a SIGINT (or
+    SIGTERM) that lands before the wait begins sets the stop instead of raising KeyboardInterrupt
+    (which exited 130 without stopping the endpoint), and the wait then returns at once."""
+    import signal
+
+    from mythos_platform.commands import arm_stop, wait_for_stop
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            stop = arm_stop()
+            os.kill(os.getpid(), sig)  # in the gap between the printed line and the wait
+            assert stop.wait(5), sig
+            wait_for_stop(stop)  # returns at once: the stop was not lost
+            # afterwards a second Ctrl-C interrupts the shutdown at once
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
