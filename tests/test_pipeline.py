@@ -88,3 +88,42 @@ def test_the_champions_trained_depth_is_its_own_runs(tmp_path):
     assert run.champion_trained_hops() == 2
     run.champion.update(version=versions[4], sweep_version=versions[4])
     assert run.champion_trained_hops() == 4
+
+
+def test_a_relaunch_finds_runs_that_finished_earlier_without_any_ray_work(tmp_path, capsys):
+    """The pipeline run again (after a Ctrl-C in a later stage) learns in its own process that the
+    looped model and the baseline finished earlier with these configs: their recorded results come
+    back and no Ray task starts (one was about 15 s of a 2-core machine per launch); a run whose
+    config changed since is not taken as finished."""
+    import json
+
+    import ray
+
+    from mythos_platform.tracking import Tracker
+    from mythos_platform.train.trainer import FINISHED_FILE, RUN_NAME_TAG, _export_dir, _run_name, run_pretrains
+
+    cfg = load_config(CFG, [f"root={tmp_path}"], cls=PipelineConfig)
+    pre, base, _, _ = cfg.stage_configs()
+    ids = {}
+    for c, acc in ((pre, 0.75), (base, 0.25)):
+        name = _run_name(c)
+        export = _export_dir(c, name, Path(c.run.root))
+        export.mkdir(parents=True)
+        (export / FINISHED_FILE).write_text(json.dumps({"config": c.to_dict(), "checkpoint": f"/ckpt/{name}",
+                                                        "metrics": {"val_acc": acc}}, default=str))
+        tracker = Tracker(c.tracking, Path(c.run.root)).start(tags={RUN_NAME_TAG: name})
+        tracker.end()
+        ids[name] = tracker.run_id
+    assert not ray.is_initialized()
+    runs = run_pretrains([pre, base])
+    assert not ray.is_initialized()  # nothing was launched to find out
+    assert [r.run_name for r in runs] == [_run_name(pre), _run_name(base)]
+    assert [r.metrics["val_acc"] for r in runs] == [0.75, 0.25]
+    assert [r.mlflow_run_id for r in runs] == [ids[_run_name(pre)], ids[_run_name(base)]]
+    assert runs[0].checkpoint_path == f"/ckpt/{_run_name(pre)}"
+    out = capsys.readouterr().out
+    assert out.count("finished earlier with this config") == 2, out
+    # a changed config is not the finished run: it would train (resuming from its checkpoints)
+    from mythos_platform.train.trainer import _done_earlier
+
+    assert _done_earlier(pre.updated({"train.steps": pre.train.steps + 1})) is None

@@ -66,11 +66,9 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
     run_root = Path(cfg.run.root).resolve()
     run_root.mkdir(parents=True, exist_ok=True)
     storage = cfg.checkpoint.resolved_storage_path(str(run_root))  # a path or a URI (s3://, gs://)
-    export_dir = Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
-    done = None if callbacks else finished_earlier(cfg, name, run_root, export_dir)
+    export_dir = _export_dir(cfg, name, run_root)
+    done = None if callbacks else _done_earlier(cfg)
     if done is not None:
-        print(f"[mythos] training run '{name}' finished earlier with this config: using its export {export_dir}",
-              flush=True)
         return done
     init_ray()
     if datasets is None:
@@ -125,6 +123,22 @@ def _final(result, export_dir: Path) -> tuple[dict[str, Any], str | None]:
         newest, _ = resumable_checkpoint(checkpoint)
         checkpoint = str(newest) if newest is not None else checkpoint
     return metrics, checkpoint
+
+
+def _export_dir(cfg: PretrainConfig, name: str, run_root: Path) -> Path:
+    return Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
+
+
+def _done_earlier(cfg: PretrainConfig) -> PretrainResult | None:
+    """`finished_earlier` for `cfg`, saying so when it did."""
+    name = _run_name(cfg)
+    run_root = Path(cfg.run.root).resolve()
+    export_dir = _export_dir(cfg, name, run_root)
+    done = finished_earlier(cfg, name, run_root, export_dir)
+    if done is not None:
+        print(f"[mythos] training run '{name}' finished earlier with this config: using its export {export_dir}",
+              flush=True)
+    return done
 
 
 def finished_earlier(cfg: PretrainConfig, name: str, run_root: Path, export_dir: Path) -> PretrainResult | None:
@@ -252,6 +266,20 @@ def run_pretrains(cfgs: list[PretrainConfig], driver_cpus: float = 0.05) -> list
     """Several pretraining runs side by side (e.g. a model and its baseline): each `run_pretrain`
     drives its own TorchTrainer from a Ray task of `driver_cpus` CPUs. Each run's workers ask for
     what its `scaling` section says; runs that do not fit at once wait for resources."""
+    # runs that finished earlier with the same config are known here, in the driver: no Ray task
+    # (a worker process importing the trainer, about 10 s of a 2-core machine) just to find that out
+    done: dict[int, PretrainResult] = {}
+    for i, cfg in enumerate(cfgs):
+        cfg.preflight()  # as run_pretrain does first: a bad config fails here, before any Ray work
+        result = _done_earlier(cfg)
+        if result is not None:
+            done[i] = result
+    todo = [cfg for i, cfg in enumerate(cfgs) if i not in done]
+    trained = iter(_train_side_by_side(todo, driver_cpus) if todo else [])
+    return [done[i] if i in done else next(trained) for i in range(len(cfgs))]
+
+
+def _train_side_by_side(cfgs: list[PretrainConfig], driver_cpus: float) -> list[PretrainResult]:
     init_ray()
     if len(cfgs) == 1:
         return [run_pretrain(cfgs[0])]
