@@ -21,7 +21,8 @@ A. In process, no Ray (the main figure). The same request list runs against
    2. Lone client: `--lone` sequential requests (n_loops 8, 32 tokens): p50 time to first token of
       each and new/old (goal: new not worse, i.e. <= 1).
    3. The new engine's rows per decode pass during the mixed run (`engine.stats.occupancy`):
-      mean, max, and the mean per tenth of the run.
+      mean, max, and the mean per tenth of the run; and the share of the run spent in forward
+      passes (prefills and decode passes, `engine.stats.busy_s`): what is not is the scheduling.
    4. What one decode pass costs by rows and depth, and 16 rows of mixed depth in one pass against
       one pass per depth (the old batcher's groups): on a small model a loop iteration costs
       nearly the same for 1 row as for 16, which caps what sharing a pass can gain.
@@ -192,10 +193,13 @@ def part_a(args, model, tok) -> None:
             await drive(sys_.submit, make_job, warm)  # warm up: every loop count once
             if name == "new":
                 t0 = time.monotonic()
+                busy0, prefills = new.stats.busy_s, []
+                new.stats.observers.append(lambda event, v: prefills.append(v) if event == "prefill_s" else None)
             res[name, "mixed"] = await drive(sys_.submit, make_job, mixed)
             if name == "new":
                 t1 = time.monotonic()
                 occ = [(t, n) for t, n in new.stats.occupancy if t0 <= t <= t1]
+                busy = (new.stats.busy_s - busy0, sum(prefills), len(prefills))
             await asyncio.sleep(0.3)  # the static batcher's recent sizes would make a lone request wait
             old._recent = [1]
             res[name, "lone"] = await drive(sys_.submit, make_job, lone)
@@ -206,9 +210,9 @@ def part_a(args, model, tok) -> None:
             res["alone", c] = await drive(new.submit, make_job, [mixed[c]])
         old.close()
         new.stop()
-        return res, occ, (t0, t1)
+        return res, occ, (t0, t1), busy
 
-    res, occ, (t0, t1) = asyncio.run(both())
+    res, occ, (t0, t1), busy = asyncio.run(both())
     label = {"old": "static batcher (old)", "new": "iteration-level (new)"}
     print(f"\n1. mixed depths, {len(flat)} requests, max batch / rows {args.max_rows}:")
     for name in ("old", "new"):
@@ -238,6 +242,8 @@ def part_a(args, model, tok) -> None:
             bins[min(9, int((t - t0) / (t1 - t0) * 10))].append(k)
         means = [statistics.mean(b) if b else 0.0 for b in bins]
         print("  mean rows per tenth of the run: " + " ".join(f"{m:4.1f}" for m in means))
+    print(f"  in forward passes {busy[0]:.2f} s of the run's {t1 - t0:.2f} s ({busy[0] / (t1 - t0):.0%}; "
+          f"{busy[2]} prefills {busy[1]:.2f} s, the rest decode passes): the scheduling around them is the rest")
     pass_costs(model)
     floor(res, mixed)
 
