@@ -175,7 +175,7 @@ class RecurrentBlock(nn.Module):
         looping = torch.ones(B, dtype=torch.bool, device=e.device)
         used = n_loops.clone()
         aux = e.new_zeros((), dtype=torch.float32)
-        for t in range(int(n_loops.max())):
+        for t in range(max(counts)):  # read once above: no second host sync
             rows = looping.nonzero().squeeze(1)
             if len(rows) == 0:  # every row has exited early
                 break
