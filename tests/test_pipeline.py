@@ -100,7 +100,8 @@ def test_a_relaunch_finds_runs_that_finished_earlier_without_any_ray_work(tmp_pa
     import ray
 
     from mythos_platform.tracking import Tracker
-    from mythos_platform.train.trainer import FINISHED_FILE, RUN_NAME_TAG, _export_dir, _run_name, run_pretrains
+    from mythos_platform.train.trainer import (FINISHED_FILE, RUN_NAME_TAG, _done_earlier, _export_dir, _run_name,
+                                               run_pretrains)
 
     cfg = load_config(CFG, [f"root={tmp_path}"], cls=PipelineConfig)
     pre, base, _, _ = cfg.stage_configs()
@@ -124,6 +125,4 @@ def test_a_relaunch_finds_runs_that_finished_earlier_without_any_ray_work(tmp_pa
     out = capsys.readouterr().out
     assert out.count("finished earlier with this config") == 2, out
     # a changed config is not the finished run: it would train (resuming from its checkpoints)
-    from mythos_platform.train.trainer import _done_earlier
-
     assert _done_earlier(pre.updated({"train.steps": pre.train.steps + 1})) is None

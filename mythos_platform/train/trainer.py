@@ -267,10 +267,11 @@ def run_pretrains(cfgs: list[PretrainConfig], driver_cpus: float = 0.05) -> list
     drives its own TorchTrainer from a Ray task of `driver_cpus` CPUs. Each run's workers ask for
     what its `scaling` section says; runs that do not fit at once wait for resources."""
     # runs that finished earlier with the same config are known here, in the driver: no Ray task
-    # (a worker process importing the trainer, about 10 s of a 2-core machine) just to find that out
+    # (a worker process importing the trainer, about 10 s of a 2-core machine) just to find that out.
+    # (The pipeline and the depth experiment preflight these configs before any Ray work, and
+    # run_pretrain does again for the runs that train.)
     done: dict[int, PretrainResult] = {}
     for i, cfg in enumerate(cfgs):
-        cfg.preflight()  # as run_pretrain does first: a bad config fails here, before any Ray work
         result = _done_earlier(cfg)
         if result is not None:
             done[i] = result
