@@ -238,7 +238,8 @@ class PipelineRun:
             plot_path = report.plot(root / "depth_extrapolation.png",
                                     title=f"champion {model_uri}: trained on <= {hops} hops")
             (root / "depth_extrapolation.md").write_text(report.markdown())
-            _log_report(uri, root, rdt.run_id, report, plot_path)
+            if not rdt.reused or not _report_logged(uri, root, rdt.run_id):
+                _log_report(uri, root, rdt.run_id, report, plot_path)
         return rdt.run_id, report, plot_path
 
     def champion_trained_hops(self) -> int:
@@ -332,6 +333,20 @@ def _log_report(uri: str, root: Path, run_id: str | None, report, plot_path: Pat
     tracker.log_text(report.markdown(), "results/depth_extrapolation.md")
     for h, metrics in report.metrics_by_hops().items():
         tracker.log_metrics(metrics, step=h)
+    tracker.set_tags({REPORT_TAG: "logged"})
+
+
+REPORT_TAG = "mythos.depth_report"
+"""Set on the evaluation's run once the depth report is in it: a relaunch that reuses the finished
+evaluation (`run_loop_eval`'s `finished_earlier`) logs the report again only if it is missing."""
+
+
+def _report_logged(uri: str, root: Path, run_id: str | None) -> bool:
+    from .config import TrackingConfig
+    from .tracking import Tracker
+
+    return bool(run_id) and Tracker(TrackingConfig(experiment="mythos-eval", tracking_uri=uri), root,
+                                    run_id=run_id).tag(REPORT_TAG) == "logged"
 
 
 def print_summary(s: PipelineSummary, metric: str = "val_acc", keep_serving: bool = False) -> None:

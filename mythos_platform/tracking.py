@@ -264,6 +264,14 @@ class Tracker:
             self._call("reopen run", lambda c: c.update_run(run_id, status="RUNNING"))
         return self
 
+    def status(self) -> str | None:
+        """This run's MLflow status (RUNNING, FINISHED, KILLED, FAILED); None when inactive or unknown."""
+        return self._call("read the run's status", lambda c: c.get_run(self.run_id).info.status)
+
+    def tag(self, key: str) -> str | None:
+        """The value of this run's tag `key`; None when unset, inactive or unknown."""
+        return self._call("read a tag", lambda c: c.get_run(self.run_id).data.tags.get(key))
+
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED / FAILED / KILLED."""
         self._call("end run", lambda c: c.set_terminated(self.run_id, status=status))

@@ -21,6 +21,7 @@ from mythos_platform.config import load_config
 from mythos_platform.data import eval_tasks
 from mythos_platform.data.multihop import generate_problems, render
 from mythos_platform.evaluation import LoopEvalConfig, run_loop_eval
+from mythos_platform.evaluation.runner import finished_earlier, model_digest
 from mythos_platform.registry import ModelNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,3 +247,14 @@ def test_loop_eval_logs_per_loop_metrics_plot_and_tables(demo, ray_cluster, tmp_
     assert {"accuracy_vs_loops.png", "results.md", "results.csv", "results.json"} <= arts
     assert (res.out_dir / "accuracy_vs_loops.png").read_bytes()[:4] == b"\x89PNG"
     assert "| multihop_k1 | acc | 0.125 |" in res.table_md and "exit 0.2 (cap 4)" in res.table_md
+    # the same evaluation launched again (a relaunched pipeline) finds its finished results: nothing
+    # is scored again and no second MLflow run is made; another config or other model bytes score anew
+    again = run_loop_eval(cfg, progress=None)
+    assert again.reused and again.run_id == res.run_id and again.points == res.points
+    assert again.table_md == res.table_md and again.plot_path == res.plot_path
+    assert len(client.search_runs([run.info.experiment_id], "attributes.run_name = 't'")) == 1
+    assert finished_earlier(cfg.updated({"limit": 4}), res.out_dir, res.model_dir, model_digest(res.model_dir)) is None
+    assert finished_earlier(cfg, res.out_dir, res.model_dir, "0" * 64) is None
+    assert finished_earlier(cfg, res.out_dir, res.model_dir, model_digest(res.model_dir)) is not None
+    client.set_terminated(res.run_id, status="KILLED")  # a run that did not finish is scored again
+    assert finished_earlier(cfg, res.out_dir, res.model_dir, model_digest(res.model_dir)) is None

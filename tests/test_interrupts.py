@@ -223,6 +223,9 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
     assert "press Ctrl-C (or `ray job stop <id>`) to stop it" in out
     quiet(launch, "5/5 (serving")
     assert runs_by_status(root)["pipeline-eval"] == "FINISHED"
+    # launch 4 finished the evaluation: this one scores nothing again, and its MLflow run is the same
+    assert "evaluation 'pipeline-eval' finished earlier with this config and model" in out, out[-4000:]
+    assert run_count(root, "pipeline-eval") == 2  # launch 3's (KILLED) and launch 4's
 
     # what the demo is for, after all the interruptions. The registry compared the pretrained model
     # (2-hop chains) and the sweep's best (4-hop chains) on 8-hop validation problems: the sweep won

@@ -3,6 +3,7 @@ loop setting, stream the points back, log them into one MLflow run and write the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ class LoopEvalResult:
     model_dir: Path
     run_id: str | None
     tracking_uri: str | None
+    reused: bool = False
+    """True when an earlier launch finished this very evaluation (`finished_earlier`): nothing ran."""
 
 
 def plan_settings(cfg: LoopEvalConfig, leaves: Sequence[str]) -> list[tuple[Setting, list[str]]]:
@@ -158,8 +161,50 @@ def _announce(cfg: LoopEvalConfig, model_dir: Path, leaves: Sequence[str], jobs:
         f"{len(jobs)} Ray tasks (one per loop setting) of {cfg.cpus_per_task:g} CPU")
 
 
+def model_digest(model_dir: Path) -> str:
+    """sha256 over the model folder's files (names and bytes, in name order): what the evaluation
+    scored, whichever way it was reached (a folder, or a registry alias that may move)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(model_dir)).encode() + b"\0")
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def _as_json(cfg: LoopEvalConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+def finished_earlier(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, digest: str) -> LoopEvalResult | None:
+    """The result of an earlier launch of this very evaluation that finished: a named run
+    (`run_name`) whose results folder records the same config, the same model bytes and no failed
+    point, and whose MLflow run is FINISHED. A relaunched pipeline (after a Ctrl-C while deploying
+    or serving) then scores nothing again; any change to the config or the model evaluates as usual."""
+    if not cfg.run_name:
+        return None
+    try:
+        done = json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (done.get("config") != _as_json(cfg) or done.get("model_sha256") != digest or done.get("failures")
+            or not done.get("points")):
+        return None
+    run_id, uri = done.get("run_id"), None
+    if cfg.track:
+        tracker = Tracker(_tracking(cfg), cfg.run_root, run_id=run_id)
+        if not run_id or tracker.status() != "FINISHED":
+            return None
+        uri = tracker.uri
+    plot = out_dir / "accuracy_vs_loops.png"
+    return LoopEvalResult([EvalPoint(**p) for p in done["points"]], [], (out_dir / "results.md").read_text(),
+                          (out_dir / "results.csv").read_text(), out_dir, plot if plot.exists() else None,
+                          model_dir, run_id, uri, reused=True)
+
+
 def _write_results(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, leaves: Sequence[str],
-                   points: list[EvalPoint], failures: list[dict[str, Any]]) -> tuple[str, str, Path | None]:
+                   points: list[EvalPoint], failures: list[dict[str, Any]], digest: str,
+                   run_id: str | None) -> tuple[str, str, Path | None]:
     """results.md, results.csv, results.json and the plot under `out_dir` -> (markdown, csv, plot)."""
     table = loops_table(points, cfg.limit, leaves, loops=cfg.loops, loops_per_hop=cfg.loops_per_hop)
     md = results_markdown(cfg.model, table, adaptive_table(points, leaves), failures)
@@ -167,8 +212,8 @@ def _write_results(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, leaves: 
     (out_dir / "results.md").write_text(md)
     (out_dir / "results.csv").write_text(csv_text)
     (out_dir / "results.json").write_text(json.dumps(
-        {"config": cfg.to_dict(), "model_dir": str(model_dir), "points": [asdict(p) for p in points],
-         "failures": failures}, indent=2, default=str))
+        {"config": cfg.to_dict(), "model_dir": str(model_dir), "model_sha256": digest, "run_id": run_id,
+         "points": [asdict(p) for p in points], "failures": failures}, indent=2, default=str))
     plot_path = None
     if points:
         plot_path = out_dir / "accuracy_vs_loops.png"
@@ -184,6 +229,12 @@ def run_loop_eval(cfg: LoopEvalConfig, progress: Callable[[str], None] | None = 
     out_dir = Path(cfg.run_root).expanduser().resolve() / "eval" / (cfg.run_name or stamp)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = _resolve_model(cfg, out_dir)
+    digest = model_digest(model_dir)
+    earlier = finished_earlier(cfg, out_dir, model_dir, digest)
+    if earlier is not None:
+        say(f"evaluation '{cfg.run_name}' finished earlier with this config and model: using its results in "
+            f"{out_dir} (delete that folder to score it again)")
+        return earlier
     jobs = plan_settings(cfg, resolved.leaves)
     tracker = _start_tracker(cfg, stamp, resolved.leaves, model_dir)
     _announce(cfg, model_dir, resolved.leaves, jobs, say)
@@ -192,7 +243,8 @@ def run_loop_eval(cfg: LoopEvalConfig, progress: Callable[[str], None] | None = 
     except KeyboardInterrupt:
         tracker.end("KILLED")  # the points logged so far stay in the run
         raise
-    md, csv_text, plot_path = _write_results(cfg, out_dir, model_dir, resolved.leaves, points, failures)
+    md, csv_text, plot_path = _write_results(cfg, out_dir, model_dir, resolved.leaves, points, failures, digest,
+                                           tracker.run_id if tracker.active else None)
     for name in RESULT_FILES:
         if (out_dir / name).exists():
             tracker.log_artifact(out_dir / name, "results")
