@@ -31,10 +31,11 @@ $(CHROMIUM):
 	@apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-# Two pytest workers, whole modules each (the slowest first, tests/conftest.py): much of the suite
-# waits on Ray, servers and subprocesses, so two share the 2 cores well.
+# Two pytest workers, whole modules each, in the order tests/conftest.py sets (SLOW_FIRST: xdist
+# would otherwise reorder them by test count): much of the suite waits on Ray, servers and
+# subprocesses, so two share the 2 cores well.
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS)
