@@ -67,7 +67,10 @@ class Launch:
     rc: int
     output: str
     left: list[str]
-    """Command lines of the job's processes still alive 20 s after it exited."""
+    """Command lines of the job's processes still alive 60 s after it exited. Ray's agents leave when
+    they see their raylet gone; on a loaded machine (the other test worker training beside this
+    test) one has taken over 30 s to, so the grace is generous: what it catches is a process that
+    stays."""
     seconds: float
     """From Ctrl-C to the exit."""
 
@@ -125,7 +128,7 @@ def ctrl_c(config: Path, root: Path, port: int, until: str, after_s: float = 0.0
         rest, _ = proc.communicate()
         raise AssertionError("one Ctrl-C did not stop the pipeline within 90 s:\n" + ("".join(lines) + rest)[-6000:])
     seconds = time.monotonic() - t
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while _alive(pids | _descendants(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
     print(f"Ctrl-C on {until!r}: {t - started:.0f} s after the launch; exit {proc.returncode} {seconds:.1f} s later")
