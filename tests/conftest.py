@@ -15,10 +15,10 @@ SLOW_FIRST = ("test_interrupts.py", "test_ray_env.py", "test_expert_parallel.py"
 """Modules that take a minute or more, in the order `make test` hands them out: pytest-xdist's
 --dist loadfile gives each of the two workers a module, and another as soon as fewer than 3 of its
 tests are left (a worker must know its next test to run the current one), so the module queued
-behind the 8-minute interrupt chain (one test) waits for it. This order balances the two workers'
-minutes as measured in one clean-clone run (about 1,000 s each, from 1,970 s of tests in all; 17 min for the whole `make test`); the
-Makefile passes --no-loadscope-reorder, without which xdist orders modules by test count instead
-(and the one-test interrupt chain started last)."""
+behind the 8-to-12-minute interrupt chain (one test) waits for it. This order balances the two
+workers' minutes as measured in a clean-clone run (about 1,000 s each, from 1,970 s of tests in
+all). The Makefile passes --no-loadscope-reorder, without which xdist orders modules by test count
+instead (and the one-test interrupt chain started last)."""
 
 
 def pytest_collection_modifyitems(items):
