@@ -177,8 +177,10 @@ def test_one_ctrl_c_stops_the_pipeline_in_every_stage_and_the_resumed_demo_shows
         assert stopped + stage in launch.output, launch.output[-4000:]
         assert "the same command goes on from there" in launch.output
         assert launch.left == [], (stage, launch.left)
-        # promptly: the sweep took 34 s, 24 of them asking a dashboard the Ctrl-C had stopped
-        assert launch.seconds < 30, (stage, launch.seconds)
+        # promptly: the sweep took 34 s, 24 of them asking a dashboard the Ctrl-C had stopped. Now it
+        # takes 12-14 s alone and 18 s beside the other test worker's training (the longest stage):
+        # the bound keeps about 2x of headroom there and still catches those 24 s of timeouts
+        assert launch.seconds < 35, (stage, launch.seconds)
         assert "Traceback" not in launch.output.split(stopped)[-1]  # the message, not a stack
         quiet(launch, stage)
 
