@@ -22,6 +22,8 @@ and `ConfigModel` turns its errors into the dotted-path messages above.
 
 from __future__ import annotations
 
+import json
+
 import copy
 import os
 import typing
@@ -75,6 +77,11 @@ class Section(ConfigModel):
             seen.append(source)
             data = merge(read_yaml(source, "extends"), {k: v for k, v in data.items() if k != "extends"})
         return data
+
+    def recorded(self) -> dict[str, Any]:
+        """`to_dict()` as a JSON record of it reads back (non-JSON values as strings): what a finished
+        run's record is compared with to tell whether a relaunch has the same config."""
+        return json.loads(json.dumps(self.to_dict(), default=str))
 
     def updated(self: S, values: dict[str, Any]) -> S:
         """A validated copy with dotted keys set to typed values, e.g. {"run.root": "/x"}."""

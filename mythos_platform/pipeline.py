@@ -323,12 +323,9 @@ def stop_serving(app_name: str) -> None:
 def _log_report(uri: str, root: Path, run_id: str | None, report, plot_path: Path) -> None:
     """The depth table, its metrics by hop count and the plot into the evaluation's MLflow run (a
     tracking outage is warned about by the Tracker; the files stay under the run root)."""
-    from .config import TrackingConfig
-    from .tracking import Tracker
-
     if not run_id:
         return
-    tracker = Tracker(TrackingConfig(experiment="mythos-eval", tracking_uri=uri), root, run_id=run_id)
+    tracker = _eval_run(uri, root, run_id)
     tracker.log_artifact(plot_path, "results")
     tracker.log_text(report.markdown(), "results/depth_extrapolation.md")
     for h, metrics in report.metrics_by_hops().items():
@@ -342,11 +339,15 @@ evaluation (`run_loop_eval`'s `finished_earlier`) logs the report again only if 
 
 
 def _report_logged(uri: str, root: Path, run_id: str | None) -> bool:
+    return bool(run_id) and _eval_run(uri, root, run_id).tag(REPORT_TAG) == "logged"
+
+
+def _eval_run(uri: str, root: Path, run_id: str):
+    """A Tracker on the evaluation's MLflow run `run_id`."""
     from .config import TrackingConfig
     from .tracking import Tracker
 
-    return bool(run_id) and Tracker(TrackingConfig(experiment="mythos-eval", tracking_uri=uri), root,
-                                    run_id=run_id).tag(REPORT_TAG) == "logged"
+    return Tracker(TrackingConfig(experiment="mythos-eval", tracking_uri=uri), root, run_id=run_id)
 
 
 def print_summary(s: PipelineSummary, metric: str = "val_acc", keep_serving: bool = False) -> None:

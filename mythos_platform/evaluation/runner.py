@@ -172,22 +172,18 @@ def model_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _as_json(cfg: LoopEvalConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(cfg.to_dict(), default=str))
-
-
-def finished_earlier(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, digest: str) -> LoopEvalResult | None:
+def finished_earlier(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, digest: str | None) -> LoopEvalResult | None:
     """The result of an earlier launch of this very evaluation that finished: a named run
     (`run_name`) whose results folder records the same config, the same model bytes and no failed
     point, and whose MLflow run is FINISHED. A relaunched pipeline (after a Ctrl-C while deploying
     or serving) then scores nothing again; any change to the config or the model evaluates as usual."""
-    if not cfg.run_name:
+    if not cfg.run_name or digest is None:
         return None
     try:
         done = json.loads((out_dir / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    if (done.get("config") != _as_json(cfg) or done.get("model_sha256") != digest or done.get("failures")
+    if (done.get("config") != cfg.recorded() or done.get("model_sha256") != digest or done.get("failures")
             or not done.get("points")):
         return None
     run_id, uri = done.get("run_id"), None
@@ -203,7 +199,7 @@ def finished_earlier(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, digest
 
 
 def _write_results(cfg: LoopEvalConfig, out_dir: Path, model_dir: Path, leaves: Sequence[str],
-                   points: list[EvalPoint], failures: list[dict[str, Any]], digest: str,
+                   points: list[EvalPoint], failures: list[dict[str, Any]], digest: str | None,
                    run_id: str | None) -> tuple[str, str, Path | None]:
     """results.md, results.csv, results.json and the plot under `out_dir` -> (markdown, csv, plot)."""
     table = loops_table(points, cfg.limit, leaves, loops=cfg.loops, loops_per_hop=cfg.loops_per_hop)
@@ -229,7 +225,7 @@ def run_loop_eval(cfg: LoopEvalConfig, progress: Callable[[str], None] | None = 
     out_dir = Path(cfg.run_root).expanduser().resolve() / "eval" / (cfg.run_name or stamp)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = _resolve_model(cfg, out_dir)
-    digest = model_digest(model_dir)
+    digest = model_digest(model_dir) if cfg.run_name else None  # only a named run is found again
     earlier = finished_earlier(cfg, out_dir, model_dir, digest)
     if earlier is not None:
         say(f"evaluation '{cfg.run_name}' finished earlier with this config and model: using its results in "

@@ -151,7 +151,7 @@ def finished_earlier(cfg: PretrainConfig, name: str, run_root: Path, export_dir:
         done = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if done.get("config") != json.loads(json.dumps(cfg.to_dict(), default=str)):
+    if done.get("config") != cfg.recorded():
         return None
     tracker = Tracker(cfg.tracking, run_root)
     run_id = tracker.find_run(f"tags.`{RUN_NAME_TAG}` = '{name}' and attributes.status = 'FINISHED'")
