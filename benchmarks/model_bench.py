@@ -65,6 +65,24 @@ def train_step(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> Callable[[], 
     return step
 
 
+def onednn_matmul_peak(ctx: Ctx, n: int = 1024) -> float | None:
+    """FLOP/s of the same n x n fp32 matmul as `matmul_peak`, through oneDNN's GEMM instead of the
+    BLAS behind torch.mm (MKL in the CPU wheel): `torch.ops.mkldnn._linear_pointwise`, the kernel
+    inductor's CPU linear calls. A reference only, printed beside the peak: on the AMD EPYC (Zen 4)
+    development machines it reaches 201-214 GFLOP/s where torch.mm reaches 175-188, about the
+    AVX-512 FMA limit of two cores, so MFU against torch.mm's peak reads about 12% higher than
+    against the hardware's. None off the CPU, in another dtype, or where torch has no oneDNN."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if ctx.device.type != "cpu" or ctx.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    try:
+        t = best_time(lambda: [op(a, b, None, "none", [], "") for _ in range(4)], ctx.reps, ctx.device)
+    except (RuntimeError, AttributeError):  # an op this torch build lacks or has changed
+        return None
+    return 2 * n**3 * 4 / t
+
+
 def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float:
     return batch * seq / best_time(train_step(cfg, ctx, batch, seq, loops), ctx.reps, ctx.device, warmup=2)
 
@@ -297,13 +315,16 @@ def main() -> None:
         tps = train_tokens_per_s(cfg, ctx, args.batch, args.seq, L)
         peak_after = matmul_peak(device, ctx.dtype)
         peak = max(peak_before, peak_after)
+        onednn = onednn_matmul_peak(ctx)
         f = flops_per_token(cfg, n_loops=L, seq_len=args.seq, bptt_depth=L)
         mfu = f.train_step * tps / peak
         print(f"\n== {name}: dim={cfg.dim} attn={cfg.attn_type} experts={cfg.n_experts} "
               f"layers={cfg.prelude_layers}/{cfg.core_layers}/{cfg.coda_layers}")
-        print(f"matmul peak      {peak / 1e9:10.1f} GFLOP/s ({dtype_name}, measured this run)")
+        print(f"matmul peak      {peak / 1e9:10.1f} GFLOP/s ({dtype_name}, torch.mm, measured this run)"
+              + (f"; oneDNN's GEMM {onednn / 1e9:.1f} on the same shape" if onednn else ""))
         print(f"train            {tps:10.0f} tokens/s  (batch {args.batch} x {args.seq}, {L} loops, "
-              f"{f.train_step / 1e6:.1f} MFLOP/token)  MFU {mfu:.1%}")
+              f"{f.train_step / 1e6:.1f} MFLOP/token)  MFU {mfu:.1%}"
+              + (f" ({f.train_step * tps / max(onednn, peak):.1%} against oneDNN's)" if onednn else ""))
         parts = step_breakdown(cfg, ctx, args.batch, args.seq, L, peak)
         rest = 1 - parts["matmul"] - parts["attention"]
         print(f"step time        matmuls {parts['matmul']:.0%} (at {parts['matmul_of_peak']:.0%} of the peak), attention "
