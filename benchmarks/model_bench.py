@@ -7,7 +7,8 @@
 Every timing is the best of several repetitions (robust to other processes on a small
 machine), and MFU divides model FLOP/s (mythos.sizing.flops_per_token) by the matmul FLOP/s
 measured in this same run on the same device and dtype, before and after the timed steps: the
-faster of torch.mm and (CPU, fp32) oneDNN's GEMM on a 1,024-square matmul.
+fastest of torch.mm and (CPU, fp32) oneDNN's GEMM on one large square matmul
+(mythos_platform.perf.matmul_rates).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mythos.ffn import SwiGLU
 from mythos.generation import SamplingParams, stream
 from mythos.moe import MoE
 from mythos.sizing import flops_per_token, kv_cache_numbers_per_layer, kv_cache_numbers_per_token
-from mythos_platform.perf import best_time, matmul_peak, sync
+from mythos_platform.perf import best_time, matmul_rates, sync
 from mythos_platform.train.optim import build_optimizer
 
 
@@ -64,25 +65,6 @@ def train_step(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> Callable[[], 
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def onednn_matmul_peak(ctx: Ctx, n: int = 1024) -> float | None:
-    """FLOP/s of the same n x n fp32 matmul as `matmul_peak`, through oneDNN's GEMM instead of the
-    BLAS behind torch.mm (MKL in the CPU wheel): `torch.ops.mkldnn._linear_pointwise`, the kernel
-    inductor's CPU linear calls. On the AMD EPYC (Zen 4) development machines it reaches 201-214
-    GFLOP/s where torch.mm reaches 175-188 (170-204 against 117-149 under other load), about what two
-    Zen 4 cores can do: against torch.mm's figure alone, MFU read about 12% high on a quiet machine
-    and up to 30% high on a loaded one. None off the CPU, in another dtype, or where torch has no
-    oneDNN."""
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if ctx.device.type != "cpu" or ctx.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return None
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    try:
-        t = best_time(lambda: [op(a, b, None, "none", [], "") for _ in range(4)], ctx.reps, ctx.device)
-    except (RuntimeError, AttributeError):  # an op this torch build lacks or has changed
-        return None
-    return 2 * n**3 * 4 / t
 
 
 def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float:
@@ -313,21 +295,19 @@ def main() -> None:
         if cfg.max_seq_len < args.seq + 64:
             cfg = cfg.replace(max_seq_len=args.seq + 64)
         L = args.train_loops
-        # the peak is the fastest matmul this run measured, before and after the timed steps:
-        # torch.mm's (MKL on a CPU) and, on a CPU in fp32, oneDNN's GEMM on the same shape, which
-        # there is 10-30% faster and less hurt by other load (docs/performance.md)
-        peaks = [matmul_peak(device, ctx.dtype), onednn_matmul_peak(ctx)]
+        # the peak is the fastest matmul this run measured, before and after the timed steps: torch.mm's
+        # and, on a CPU in fp32, oneDNN's GEMM (mythos_platform/perf.py, docs/performance.md)
+        before = matmul_rates(device, ctx.dtype)
         tps = train_tokens_per_s(cfg, ctx, args.batch, args.seq, L)
-        peaks += [matmul_peak(device, ctx.dtype), onednn_matmul_peak(ctx)]
-        mm_peak = max(peaks[0], peaks[2])
-        onednn = max(peaks[1], peaks[3]) if peaks[1] and peaks[3] else None
-        peak = max(mm_peak, onednn or 0.0)
+        after = matmul_rates(device, ctx.dtype)
+        rates = {lib: max(rate, after.get(lib, 0.0)) for lib, rate in before.items()}
+        peak, mm_peak = max(rates.values()), rates["torch.mm"]
         f = flops_per_token(cfg, n_loops=L, seq_len=args.seq, bptt_depth=L)
         mfu = f.train_step * tps / peak
         print(f"\n== {name}: dim={cfg.dim} attn={cfg.attn_type} experts={cfg.n_experts} "
               f"layers={cfg.prelude_layers}/{cfg.core_layers}/{cfg.coda_layers}")
-        print(f"matmul peak      {peak / 1e9:10.1f} GFLOP/s ({dtype_name}, measured this run: torch.mm "
-              f"{mm_peak / 1e9:.1f}" + (f", oneDNN's GEMM {onednn / 1e9:.1f}" if onednn else "") + ")")
+        print(f"matmul peak      {peak / 1e9:10.1f} GFLOP/s ({dtype_name}, the fastest measured this run: "
+              + ", ".join(f"{lib} {rate / 1e9:.1f}" for lib, rate in rates.items()) + ")")
         print(f"train            {tps:10.0f} tokens/s  (batch {args.batch} x {args.seq}, {L} loops, "
               f"{f.train_step / 1e6:.1f} MFLOP/token)  MFU {mfu:.1%}"
               + (f" ({f.train_step * tps / mm_peak:.1%} against torch.mm's alone)" if peak > mm_peak else ""))
