@@ -22,9 +22,8 @@ and `ConfigModel` turns its errors into the dotted-path messages above.
 
 from __future__ import annotations
 
-import json
-
 import copy
+import json
 import os
 import typing
 from pathlib import Path

@@ -44,14 +44,15 @@ def matmul_rates(device: torch.device, dtype: torch.dtype = torch.float32, n: in
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     inner = 4 if device.type == "cpu" else 50
-    rates = {"torch.mm": 2 * n**3 * inner / best_time(lambda: [a @ b for _ in range(inner)], reps, device)}
+    flops = 2 * n**3 * inner
+    rates = {"torch.mm": flops / best_time(lambda: [a @ b for _ in range(inner)], reps, device)}
     onednn = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if device.type == "cpu" and dtype == torch.float32 and onednn is not None and torch.backends.mkldnn.is_available():
         try:  # a @ b^T: the same FLOPs
             t = best_time(lambda: [onednn(a, b, None, "none", [], "") for _ in range(inner)], reps, device)
         except (RuntimeError, NotImplementedError):  # an op this build has changed: torch.mm alone
             return rates
-        rates["oneDNN"] = 2 * n**3 * inner / t
+        rates["oneDNN"] = flops / t
     return rates
 
 
