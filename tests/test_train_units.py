@@ -129,6 +129,49 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_whole_one(tmp_path):
     assert resumable_checkpoint(folders[2])[0] is None
 
 
+def test_a_stopped_run_says_the_step_its_relaunch_resumes_from_or_that_it_starts_again(tmp_path):
+    """The message after Ctrl-C and the next launch's start line name the step the run resumes from
+    (its newest whole checkpoint), and a run stopped before its first checkpoint says it starts
+    again at step 0 instead of promising a resume."""
+    from mythos_platform.config import PretrainConfig
+    from mythos_platform.train.checkpointing import resume_step
+    from mythos_platform.train.trainer import _relaunch, _resuming, _stopped_side_by_side
+
+    cfg = PretrainConfig.from_dict({"run": {"root": str(tmp_path), "name": "r"}, "checkpoint": {"every_steps": 50}})
+    run_dir = tmp_path / "checkpoints" / "r"
+    assert resume_step(run_dir) is None  # no folder yet
+    assert _relaunch(cfg).format(run="it") == \
+        "starts it again at step 0 (it stopped before its first checkpoint, due every 50 steps)"
+    assert _resuming(cfg, mlflow_run_continued=True) == " — from step 0: the earlier launch saved no checkpoint"
+    assert _resuming(cfg, mlflow_run_continued=False) == ""
+
+    model = Mythos(get_variant("debug"))
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu"))
+    sched = build_scheduler(opt, 2, 20, 1e-3, 1e-4)
+    for step in (50, 100):
+        folder = run_dir / f"checkpoint_{step}"
+        folder.mkdir(parents=True)
+        save_checkpoint(folder, model, opt, sched, TrainState(step=step), rank=0)
+    assert resume_step(run_dir) == 100
+    assert _relaunch(cfg).format(run="'r'") == "resumes 'r' from step 100"
+    assert _resuming(cfg, mlflow_run_continued=True) == " — resuming from step 100"
+    baseline = PretrainConfig.from_dict({"run": {"root": str(tmp_path), "name": "b"}, "checkpoint": {"every_steps": 30}})
+    assert _stopped_side_by_side([cfg, baseline]) == (
+        "training runs 'r', 'b' stopped; the same command resumes 'r' from step 100 and starts 'b' again at step 0 "
+        "(it stopped before its first checkpoint, due every 30 steps)")
+    (run_dir / "checkpoint_100" / ".metadata").unlink()  # damaged: the relaunch takes the one before
+    assert resume_step(run_dir) == 50 and _relaunch(cfg).format(run="it") == "resumes it from step 50"
+    (run_dir / "checkpoint_50" / ".metadata").unlink()
+    assert resume_step(run_dir) is None
+
+    remote = PretrainConfig.from_dict({"run": {"root": str(tmp_path), "name": "r"},
+                                       "checkpoint": {"storage_path": "s3://bucket/ckpt", "every_steps": 0}})
+    assert _relaunch(remote).format(run="it") == "resumes it from its last checkpoint"
+    only_at_end = PretrainConfig.from_dict({"run": {"root": str(tmp_path / "other"), "name": "r"},
+                                            "checkpoint": {"every_steps": 0}})
+    assert _relaunch(only_at_end).format(run="it").endswith("before its first checkpoint, saved only at the end)")
+
+
 def test_export_writes_the_serving_format(tmp_path):
     model = Mythos(get_variant("debug", attn_type="mla"))
     export_model(model, model.cfg, tmp_path / "m", rank=0, metadata={"step": "5"})

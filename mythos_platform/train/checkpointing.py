@@ -115,6 +115,17 @@ def resumable_checkpoint(latest: str | os.PathLike) -> tuple[Path | None, list[s
     return None, skipped
 
 
+def resume_step(run_dir: str | os.PathLike) -> int | None:
+    """The step a relaunch of the run whose checkpoints are in `run_dir` (Ray Train's
+    `<storage>/<run name>`) resumes from: the newest whole checkpoint's, or None where there is none
+    (no folder yet, or only damaged ones), and the relaunch starts at step 0."""
+    folders = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()]
+    if not folders:
+        return None
+    folder, _ = resumable_checkpoint(folders[0])
+    return None if folder is None else _checkpoint_step(folder)[0]
+
+
 def _checkpoint_step(folder: Path) -> tuple[int, str]:
     try:
         return json.loads((folder / TRAIN_STATE).read_text())["step"], folder.name

@@ -25,7 +25,7 @@ from ..data.pipeline import build_datasets
 from ..data.sharding import data_config
 from ..ray_env import init_ray
 from ..tracking import Tracker, git_tags
-from .checkpointing import resumable_checkpoint
+from .checkpointing import resumable_checkpoint, resume_step
 from .loop import NonFiniteLossError
 from .worker import stopped_file, train_loop_per_worker
 
@@ -84,7 +84,7 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
     trainer = _torch_trainer(cfg, name, str(storage), loop_config, datasets, callbacks)
     sc = cfg.scaling
     print(f"[mythos] training run '{name}' ({cfg.model.variant}, {sc.num_workers} workers, "
-          f"{cfg.train.parallelism}){' — resuming' if resumed else ''}; checkpoints in {storage}/{name}", flush=True)
+          f"{cfg.train.parallelism}){_resuming(cfg, resumed)}; checkpoints in {storage}/{name}", flush=True)
     stopped = stopped_file(export_dir)
     stopped.unlink(missing_ok=True)
     (export_dir / FINISHED_FILE).unlink(missing_ok=True)  # this launch trains: the earlier result is not it
@@ -92,8 +92,8 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
         result = fit(trainer)
     except KeyboardInterrupt:
         tracker.end("KILLED")
-        raise KeyboardInterrupt(f"training run '{name}' stopped; its checkpoints stay in {storage}/{name}: "
-                                "the same command resumes from the last one") from None
+        raise KeyboardInterrupt(f"training run '{name}' stopped (checkpoints in {storage}/{name}); the same "
+                                f"command {_relaunch(cfg).format(run='it')}") from None
     except Exception:
         tracker.end("FAILED")
         raise
@@ -107,6 +107,37 @@ def run_pretrain(cfg: PretrainConfig, *, datasets: dict[str, Any] | None = None,
         (export_dir / FINISHED_FILE).write_text(json.dumps({"config": cfg.to_dict(), "checkpoint": res.checkpoint_path,
                                                              "metrics": res.metrics}, default=str))
     return res
+
+
+def _resume_step(cfg: PretrainConfig) -> int | None | str:
+    """The step a launch of `cfg` resumes from (its newest whole checkpoint), None for step 0, or
+    "unknown" where the checkpoints are not a local folder (a URI: Ray Train finds them)."""
+    storage = cfg.checkpoint.resolved_storage_path(str(Path(cfg.run.root).resolve()))
+    if "://" in storage:
+        return "unknown"
+    return resume_step(Path(storage) / _run_name(cfg))
+
+
+def _resuming(cfg: PretrainConfig, mlflow_run_continued: bool) -> str:
+    """The start line's note on resuming: from which step, or that an earlier launch left no checkpoint."""
+    step = _resume_step(cfg)
+    if step == "unknown":
+        return " — resuming" if mlflow_run_continued else ""
+    if step is not None:
+        return f" — resuming from step {step}"
+    return " — from step 0: the earlier launch saved no checkpoint" if mlflow_run_continued else ""
+
+
+def _relaunch(cfg: PretrainConfig) -> str:
+    """What the same command does for `cfg`'s run after a stop, with `{run}` for the run's name."""
+    step = _resume_step(cfg)
+    if step == "unknown":
+        return "resumes {run} from its last checkpoint"
+    if step is not None:
+        return f"resumes {{run}} from step {step}"
+    every = cfg.checkpoint.every_steps
+    return ("starts {run} again at step 0 (it stopped before its first checkpoint, "
+            + (f"due every {every} steps)" if every else "saved only at the end)"))
 
 
 def _final(result, export_dir: Path) -> tuple[dict[str, Any], str | None]:
@@ -129,13 +160,13 @@ def _export_dir(cfg: PretrainConfig, name: str, run_root: Path) -> Path:
     return Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
 
 
-def _done_earlier(cfg: PretrainConfig) -> PretrainResult | None:
-    """`finished_earlier` for `cfg`, saying so when it did."""
+def _done_earlier(cfg: PretrainConfig, quiet: bool = False) -> PretrainResult | None:
+    """`finished_earlier` for `cfg`, saying so when it did (unless `quiet`)."""
     name = _run_name(cfg)
     run_root = Path(cfg.run.root).resolve()
     export_dir = _export_dir(cfg, name, run_root)
     done = finished_earlier(cfg, name, run_root, export_dir)
-    if done is not None:
+    if done is not None and not quiet:
         print(f"[mythos] training run '{name}' finished earlier with this config: using its export {export_dir}",
               flush=True)
     return done
@@ -300,9 +331,21 @@ def _train_side_by_side(cfgs: list[PretrainConfig], driver_cpus: float) -> list[
         if isinstance(exc, KeyboardInterrupt):  # the runs' drivers died with their tasks: end their MLflow runs
             for cfg in cfgs:
                 _end_run_of(cfg, "KILLED")
-            raise KeyboardInterrupt(f"training runs {', '.join(repr(_run_name(c)) for c in cfgs)} stopped; their "
-                                    "checkpoints are kept: the same command resumes from the last ones") from None
+            raise KeyboardInterrupt(_stopped_side_by_side(cfgs)) from None
         raise
+
+
+def _stopped_side_by_side(cfgs: list[PretrainConfig]) -> str:
+    """After Ctrl-C: which runs stopped (a run may have finished before it) and what the same command does."""
+    done_flags = [_done_earlier(c, quiet=True) is not None for c in cfgs]
+    finished = [c for c, done in zip(cfgs, done_flags) if done]
+    stopped = [c for c, done in zip(cfgs, done_flags) if not done]
+    names = lambda group: ", ".join(repr(_run_name(c)) for c in group)  # noqa: E731
+    if not stopped:
+        return f"training runs {names(finished)} had finished; the same command goes on from them"
+    done = f" ({names(finished)} had finished)" if finished else ""
+    what = " and ".join(_relaunch(c).format(run=repr(_run_name(c))) for c in stopped)
+    return f"training run{'s' if len(stopped) > 1 else ''} {names(stopped)} stopped{done}; the same command {what}"
 
 
 def _end_run_of(cfg: PretrainConfig, status: str) -> None:
