@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,6 +34,9 @@ from mythos.moe import MoE
 from mythos.sizing import flops_per_token, kv_cache_numbers_per_layer, kv_cache_numbers_per_token
 from mythos_platform.perf import best_time, matmul_rates, sync
 from mythos_platform.train.optim import build_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # plain_transformer, when imported from elsewhere
+from plain_transformer import PlainTransformer  # noqa: E402
 
 
 @dataclass
@@ -69,6 +74,40 @@ def train_step(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> Callable[[], 
 
 def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float:
     return batch * seq / best_time(train_step(cfg, ctx, batch, seq, loops), ctx.reps, ctx.device, warmup=2)
+
+
+def plain_reference(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> tuple[PlainTransformer, Callable[[], None]]:
+    """The plain dense transformer of cfg's width (benchmarks/plain_transformer.py) and one training
+    step of it: as many layers as the looped model runs at `loops` (prelude + core x loops + coda),
+    cfg's attention heads, a SwiGLU as wide as the MoE's active experts (or the dense FFN), the
+    trainer's AdamW, the same batch shape."""
+    hidden = (cfg.top_k + cfg.n_shared_experts) * cfg.expert_dim if cfg.n_experts else cfg.ffn_dim
+    layers = cfg.prelude_layers + cfg.core_layers * loops + cfg.coda_layers
+    torch.manual_seed(0)
+    model = PlainTransformer(cfg.vocab_size, cfg.dim, cfg.n_heads, hidden, layers, seq).to(ctx.device).train()
+    opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, ctx.device)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=ctx.device)
+
+    def step():
+        with ctx.autocast():
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def train_tokens_per_s_beside_plain(cfg, ctx: Ctx, batch: int, seq: int, loops: int
+                                    ) -> tuple[float, PlainTransformer, float]:
+    """Training tokens/s of cfg and of its plain reference, their steps taking turns (interleaved
+    best of reps, after two warm-up steps each), so that the machine's load falls on both alike."""
+    plain, plain_step = plain_reference(cfg, ctx, batch, seq, loops)
+    steps = {"model": train_step(cfg, ctx, batch, seq, loops), "plain": plain_step}
+    for step in steps.values():
+        step(), step()
+    best = interleaved_best(steps, ctx.reps, ctx.device)
+    return batch * seq / best["model"][0], plain, batch * seq / best["plain"][0]
 
 
 @contextlib.contextmanager
@@ -298,7 +337,10 @@ def main() -> None:
         # the peak is the fastest matmul this run measured, before and after the timed steps: torch.mm's
         # and, on a CPU in fp32, oneDNN's GEMM (mythos_platform/perf.py, docs/performance.md)
         before = matmul_rates(device, ctx.dtype)
-        tps = train_tokens_per_s(cfg, ctx, args.batch, args.seq, L)
+        if cfg.dim >= 512:  # the MFU goal's size: beside the plain dense transformer of its width
+            tps, plain, plain_tps = train_tokens_per_s_beside_plain(cfg, ctx, args.batch, args.seq, L)
+        else:
+            tps, plain, plain_tps = train_tokens_per_s(cfg, ctx, args.batch, args.seq, L), None, 0.0
         after = matmul_rates(device, ctx.dtype)
         rates = {lib: max(rate, after.get(lib, 0.0)) for lib, rate in before.items()}
         peak, mm_peak = max(rates.values()), rates["torch.mm"]
@@ -316,8 +358,13 @@ def main() -> None:
         print(f"step time        matmuls {parts['matmul']:.0%} (at {parts['matmul_of_peak']:.0%} of the peak), attention "
               f"{parts['attention']:.0%}, the rest {rest:.0%} (norms, injection, LoRA, RoPE, routing, optimizer): "
               f"MFU {mfu / (1 - rest):.0%} if the rest took no time (one profiled step)")
-        if cfg.dim >= 512:
-            goals.append((f"MFU >= 80% at dim {cfg.dim} ({name})", mfu >= 0.80, f"{mfu:.1%}"))
+        if plain is not None:
+            plain_mfu = plain.train_flops_per_token(args.seq) * plain_tps / peak
+            print(f"plain reference  {plain_tps:10.0f} tokens/s  (a dense transformer of this width, {plain.layers} "
+                  f"layers, SwiGLU {plain.hidden}, no loops, steps alternating with {name}'s: "
+                  f"benchmarks/plain_transformer.py)  MFU {plain_mfu:.1%}; {name} reaches {mfu / plain_mfu:.2f} of it")
+            goals.append((f"MFU >= 80% at dim {cfg.dim} ({name})", mfu >= 0.80,
+                          f"{mfu:.1%} (the plain dense transformer: {plain_mfu:.1%})"))
         model = build(cfg, ctx).eval()
         fwd = {n: forward_tokens_per_s(model, ctx, args.batch, args.seq, n) for n in (1, 4, 8, 16)}
         print("forward          " + "  ".join(f"{n:2d} loops {v:8.0f} tok/s" for n, v in fwd.items()))
