@@ -56,20 +56,26 @@ def build(cfg, ctx: Ctx) -> Mythos:
     return Mythos(cfg).to(ctx.device)
 
 
-def train_step(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> Callable[[], None]:
-    """One training step (the trainer's AdamW) of a fresh model on random tokens (batch x seq, all `loops` differentiated)."""
-    model = build(cfg, ctx).train()
-    opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, ctx.device)  # the trainer's AdamW
-    x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
+def optimizer_step(model: torch.nn.Module, ctx: Ctx, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One training step of `model` with the trainer's AdamW: `loss()` under ctx's autocast, its
+    backward, the update, and the gradients cleared as the trainer's optimizer does (set to None)."""
+    opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, ctx.device)
 
-    def step():
+    def step() -> None:
         with ctx.autocast():
-            out = model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=loops)
-        out.loss.backward()
+            value = loss()
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def train_step(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> Callable[[], None]:
+    """One training step (the trainer's AdamW) of a fresh model on random tokens (batch x seq, all `loops` differentiated)."""
+    model = build(cfg, ctx).train()
+    x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
+    return optimizer_step(model, ctx, lambda: model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=loops).loss)
 
 
 def train_tokens_per_s(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> float:
@@ -85,17 +91,8 @@ def plain_reference(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> tuple[Pl
     layers = cfg.prelude_layers + cfg.core_layers * loops + cfg.coda_layers
     torch.manual_seed(0)
     model = PlainTransformer(cfg.vocab_size, cfg.dim, cfg.n_heads, hidden, layers, seq).to(ctx.device).train()
-    opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, ctx.device)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=ctx.device)
-
-    def step():
-        with ctx.autocast():
-            loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return model, step
+    return model, optimizer_step(model, ctx, lambda: model(x[:, :-1], x[:, 1:]))
 
 
 def train_tokens_per_s_beside_plain(cfg, ctx: Ctx, batch: int, seq: int, loops: int
@@ -218,15 +215,8 @@ def compiled_vs_eager(cfg, ctx: Ctx, batch: int, seq: int, loops: int) -> None:
     x = torch.randint(0, 256, (batch, seq + 1), device=ctx.device)
 
     def trainer(model: Mythos) -> Callable[[], None]:
-        opt = build_optimizer(model, 1e-4, (0.9, 0.95), 0.1, ctx.device)  # the trainer's AdamW
-
-        def step() -> None:
-            with ctx.autocast():
-                out = model(x[:, :-1], targets=x[:, 1:], n_loops=loops, bptt_depth=max(1, loops // 2))
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+        return optimizer_step(model, ctx, lambda: model(x[:, :-1], targets=x[:, 1:], n_loops=loops,
+                                                        bptt_depth=max(1, loops // 2)).loss)
 
     steps = {"eager": trainer(eager.train()), "compiled": trainer(comp.train())}
     t0 = time.perf_counter()

@@ -160,15 +160,19 @@ def _export_dir(cfg: PretrainConfig, name: str, run_root: Path) -> Path:
     return Path(cfg.checkpoint.resolved_export_dir(str(run_root))) / name
 
 
-def _done_earlier(cfg: PretrainConfig, quiet: bool = False) -> PretrainResult | None:
-    """`finished_earlier` for `cfg`, saying so when it did (unless `quiet`)."""
+def _finished(cfg: PretrainConfig) -> PretrainResult | None:
+    """`finished_earlier` for `cfg`, its run name and folders derived from it."""
     name = _run_name(cfg)
     run_root = Path(cfg.run.root).resolve()
-    export_dir = _export_dir(cfg, name, run_root)
-    done = finished_earlier(cfg, name, run_root, export_dir)
-    if done is not None and not quiet:
-        print(f"[mythos] training run '{name}' finished earlier with this config: using its export {export_dir}",
-              flush=True)
+    return finished_earlier(cfg, name, run_root, _export_dir(cfg, name, run_root))
+
+
+def _done_earlier(cfg: PretrainConfig) -> PretrainResult | None:
+    """`_finished` for `cfg`, saying so when it did."""
+    done = _finished(cfg)
+    if done is not None:
+        print(f"[mythos] training run '{done.run_name}' finished earlier with this config: using its export "
+              f"{done.export_dir}", flush=True)
     return done
 
 
@@ -337,7 +341,7 @@ def _train_side_by_side(cfgs: list[PretrainConfig], driver_cpus: float) -> list[
 
 def _stopped_side_by_side(cfgs: list[PretrainConfig]) -> str:
     """After Ctrl-C: which runs stopped (a run may have finished before it) and what the same command does."""
-    done_flags = [_done_earlier(c, quiet=True) is not None for c in cfgs]
+    done_flags = [_finished(c) is not None for c in cfgs]
     finished = [c for c, done in zip(cfgs, done_flags) if done]
     stopped = [c for c, done in zip(cfgs, done_flags) if not done]
     names = lambda group: ", ".join(repr(_run_name(c)) for c in group)  # noqa: E731
